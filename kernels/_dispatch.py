@@ -1,0 +1,22 @@
+"""Backend choice shared by every op: explicit, no environment switches, no module state.
+
+`backend=None` picks Triton for CUDA tensors and the pure-PyTorch `_ref` for everything else; a test may ask
+for `"triton"` on CPU tensors, which then runs under the Triton interpreter (TRITON_INTERPRET=1, set by the test).
+"""
+import torch
+
+BACKENDS = ("triton", "ref")
+
+
+def pick_backend(backend, x: torch.Tensor) -> str:
+    if backend is None:
+        return "triton" if x.is_cuda else "ref"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be None, 'triton' or 'ref', got {backend!r}")
+    return backend
+
+
+def interpreting(x: torch.Tensor) -> bool:
+    """True when a Triton launch on `x` goes through the interpreter (CPU tensors). The interpreter's `tl.dot`
+    on bf16 inputs returns garbage (seen with triton 3.6 and 3.9), so dot kernels upcast to fp32 there."""
+    return not x.is_cuda
