@@ -1,0 +1,13 @@
+"""hare: LoRA / QLoRA finetuning on fused Triton kernels, exact to the reference models.
+
+    import hare
+    model = hare.load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="float32")
+    tok = hare.load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+    print(hare.generate(model, tok, "What is the capital of France?", chat=True))
+"""
+from .engine.generate import generate, generate_ids
+from .models import (CausalLM, CausalLMOutput, CheckpointError, ConfigError, HareError, ModelConfig,
+                     TemplateError, TokenizerError, UnsupportedModelError, load_model, save_model)
+# (tokenizer and GGUF import land with models/tokenizer.py and models/gguf.py)
+
+__version__ = "0.1.0"

@@ -1,0 +1,263 @@
+"""The one generic decoder. Every family is this module tree with a few flags from ModelConfig.
+
+One layer (flags in brackets; Llama has none of them):
+
+    x ─┬─ input_layernorm ─ self_attn [q/k norm, window, softcap] ─ [post_attention_layernorm] ─(+)─┬─ ...
+       └──────────────────────────────────────────────────────────────────────────────────────────┘ │
+    ...┬─ post_attention_layernorm | [pre_feedforward_layernorm] ─ mlp ─ [post_feedforward_layernorm] ─(+)─ x'
+       └──────────────────────────────────────────────────────────────────────────────────────────────┘
+
+Module paths equal Hugging Face's (model.embed_tokens, model.layers.N.self_attn.q_proj, ..., lm_head), so a
+checkpoint loads by identity and a PEFT adapter is a prefix. Tensors inside attention are (batch, seq, heads,
+head_dim): the projection output needs no transpose for the kernels.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import kernels
+from .config import ModelConfig
+from .rope import rope_inv_freq, rope_tables
+
+
+@dataclass
+class CausalLMOutput:
+    loss: Optional[torch.Tensor] = None      # mean loss over target tokens (0 when there are none)
+    logits: Optional[torch.Tensor] = None    # (batch, seq, vocab); None when labels were given (not built)
+    loss_sum: Optional[torch.Tensor] = None  # fp32 sum over target tokens: for exact gradient accumulation
+    n_tokens: Optional[torch.Tensor] = None  # number of target tokens (device tensor: no host sync)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, offset, casting):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim) if offset == 0 else torch.zeros(dim))
+        self.eps, self.offset, self.casting = eps, offset, casting
+
+    def forward(self, x):
+        return kernels.rms_norm(x, self.weight, self.eps, self.offset, self.casting)
+
+
+def _norm(cfg: ModelConfig, dim=None):
+    return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_casting)
+
+
+class KVCache:
+    """Keys and values of every layer for generation, with each slot's position (-1 = empty or padding).
+
+    Slots are filled left to right; attention masks by position, so left-padded prompts and sliding windows
+    need nothing else."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device, dtype):
+        shape = (batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.num_hidden_layers)]
+        self.pos = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
+        self.length = 0
+
+    def begin(self, positions, token_mask=None):
+        """Record the positions of the T new tokens (padding as -1) before the layers run."""
+        T = positions.shape[1]
+        pos = positions if token_mask is None else positions.masked_fill(~token_mask, -1)
+        self.pos[:, self.length:self.length + T] = pos
+
+    def store(self, layer: int, k, v):
+        """Write one layer's new keys/values; return all keys/values and positions so far."""
+        end = self.length + k.shape[1]
+        self.k[layer][:, self.length:end] = k
+        self.v[layer][:, self.length:end] = v
+        return self.k[layer][:, :end], self.v[layer][:, :end], self.pos[:, :end]
+
+    def advance(self, T: int):
+        self.length += T
+
+
+def cached_attention(q, k, v, q_pos, k_pos, scale, window, softcap):
+    """Attention of new queries over cached keys, masked by position (generation). fp32 softmax."""
+    B, T, Hq, D = q.shape
+    Hk = k.shape[2]
+    allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if window is not None:
+        allowed &= q_pos[:, :, None] - k_pos[:, None, :] < window
+    # A padding query (position -1 in the cache) may see everything: its output is never used, and a fully
+    # masked row would turn into NaN and poison nothing else only by luck.
+    allowed |= ~allowed.any(-1, keepdim=True)
+    qf = q.transpose(1, 2).float()
+    kf = k.transpose(1, 2).float().repeat_interleave(Hq // Hk, dim=1)
+    vf = v.transpose(1, 2).float().repeat_interleave(Hq // Hk, dim=1)
+    s = (qf @ kf.transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    return (torch.softmax(s, -1) @ vf).transpose(1, 2).to(q.dtype)
+
+
+def attend(q, k, v, scale, doc_ids, window, softcap):
+    """Training / prefill attention dispatch. The plain causal case goes to PyTorch's SDPA (flash / cuDNN on
+    the GPU, a fused CPU kernel here); packed documents, windows and softcapping go to kernels.attention."""
+    if doc_ids is None and window is None and softcap is None:
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=scale,
+                                           enable_gqa=q.shape[2] != k.shape[2])
+        return o.transpose(1, 2)
+    return kernels.attention(q, k, v, scale=scale, doc_ids=doc_ids, window=window, softcap=softcap)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        hq, hk, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, hq * d, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, hk * d, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(hq * d, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = _norm(cfg, d)
+            self.k_norm = _norm(cfg, d)
+        self.layer_idx = layer_idx
+        self.heads, self.kv_heads, self.head_dim = hq, hk, d
+        self.scale = cfg.attention_scale
+        self.window = cfg.sliding_window if cfg.layer_is_sliding(layer_idx) else None
+        self.softcap = cfg.attn_softcap
+        self.local_rope = cfg.rope_local is not None and cfg.layer_is_sliding(layer_idx)
+
+    def forward(self, x, rope, doc_ids=None, cache=None, positions=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin, index = rope["local" if self.local_rope else "global"]
+        q, k = kernels.apply_rope(q, k, cos, sin, index)
+        if cache is None:
+            o = attend(q, k, v, self.scale, doc_ids, self.window, self.softcap)
+        else:
+            k_all, v_all, k_pos = cache.store(self.layer_idx, k, v)
+            o = cached_attention(q, k_all, v_all, positions, k_pos, self.scale, self.window, self.softcap)
+        return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.act = cfg.hidden_act
+
+    def forward(self, x):
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act == "silu":
+            h = kernels.swiglu(gate, up)
+        else:  # gelu_pytorch_tanh / gelu_new / gelu_fast are the tanh approximation; "gelu" is exact erf
+            h = kernels.geglu(gate, up, approximate="none" if self.act == "gelu" else "tanh")
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = _norm(cfg)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = _norm(cfg)
+        self.mlp = MLP(cfg)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = _norm(cfg)
+            self.post_feedforward_layernorm = _norm(cfg)
+
+    def forward(self, x, rope, doc_ids=None, cache=None, positions=None):
+        a = self.self_attn(self.input_layernorm(x), rope, doc_ids, cache, positions)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(a)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + a
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Model(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = _norm(cfg)
+
+
+class CausalLM(nn.Module):
+    """forward(input_ids, position_ids=None, labels=None, doc_ids=None) -> CausalLMOutput.
+
+    labels: (batch, seq), -100 = ignored, shifted inside (token t predicts labels[t+1]) as in transformers.
+    With labels the loss comes from the fused linear cross-entropy and full-vocabulary logits are not built
+    (pass return_logits=True to get them anyway). doc_ids: (batch, seq) document index of each token of a
+    packed row; attention never crosses documents (position_ids should restart at 0 per document)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = Model(cfg)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @property
+    def lm_head_weight(self):
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def rope(self, positions, device):
+        """cos/sin for the given positions: (cos, sin, index) per rope kind, as kernels.apply_rope takes them."""
+        cfg = self.config
+        B, T = positions.shape
+        out = {}
+        for name, spec in (("global", cfg.rope), ("local", cfg.rope_local)):
+            if spec is None:
+                continue
+            inv_freq, scaling = rope_inv_freq(spec, cfg.head_dim, cfg.max_position_embeddings, positions, device)
+            cos, sin = rope_tables(inv_freq, scaling, positions.reshape(-1))
+            index = torch.arange(B * T, device=device).view(B, T)
+            out[name] = (cos, sin, index)
+        return out
+
+    def logits(self, x):
+        """Final hidden states -> logits (with Gemma 2's final softcapping)."""
+        logits = F.linear(x, self.lm_head_weight)
+        if self.config.final_softcap is not None:
+            logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
+        return logits
+
+    def forward(self, input_ids, position_ids=None, labels=None, doc_ids=None, cache=None, token_mask=None,
+                return_logits=None):
+        x = self.hidden_states(input_ids, position_ids, doc_ids, cache, token_mask)
+        out = CausalLMOutput()
+        if labels is not None:
+            h = x[:, :-1].reshape(-1, x.shape[-1])
+            y = labels[:, 1:].reshape(-1)
+            out.loss_sum, out.n_tokens = kernels.linear_cross_entropy(h, self.lm_head_weight, y,
+                                                                      softcap=self.config.final_softcap)
+            out.loss = out.loss_sum / out.n_tokens.clamp(min=1)
+        if return_logits or (return_logits is None and labels is None):
+            out.logits = self.logits(x)
+        return out
+
+    def hidden_states(self, input_ids, position_ids=None, doc_ids=None, cache=None, token_mask=None):
+        """The final-norm hidden states (batch, seq, hidden). With a cache, appends this step's keys/values."""
+        cfg = self.config
+        B, T = input_ids.shape
+        device = input_ids.device
+        if position_ids is None:
+            start = 0 if cache is None else cache.length
+            position_ids = torch.arange(start, start + T, device=device).expand(B, T)
+        x = self.model.embed_tokens(input_ids)
+        if cfg.embed_scale:
+            # Gemma: the normalizer sqrt(hidden) is rounded to the activation dtype before the multiply.
+            x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+        rope = self.rope(position_ids, device)
+        if cache is not None:
+            cache.begin(position_ids, token_mask)
+        for layer in self.model.layers:
+            x = layer(x, rope, doc_ids, cache, position_ids)
+        if cache is not None:
+            cache.advance(T)
+        return self.model.norm(x)

@@ -1,0 +1,206 @@
+"""Checkpoint I/O: resolve a local directory or hub id, build the model on the meta device, fill it shard by
+shard with strict key accounting, and export it back to Hugging Face format.
+
+Peak host memory while loading is the model plus one tensor: safetensors files are memory-mapped and each
+tensor is copied to its device and dtype on its own.
+"""
+import json
+import os
+import re
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import load_config
+from .decoder import CausalLM
+from .errors import CheckpointError
+from .registry import family_for
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _looks_local(path: str) -> bool:
+    return (path.startswith((".", "/", "~")) or path.count("/") != 1 or os.sep != "/" and os.sep in path)
+
+
+def resolve_checkpoint(path_or_id: str, revision: str = None) -> str:
+    """A local checkpoint directory as is; otherwise a Hugging Face Hub id, downloaded (or found in the cache:
+    HF_HUB_OFFLINE=1 is honoured by huggingface_hub) at `revision` (a branch, tag or commit hash)."""
+    path = os.path.expanduser(str(path_or_id))
+    if os.path.isdir(path):
+        return path
+    if os.path.exists(path):
+        hint = " (a GGUF file: convert it first with `hare convert FILE OUT_DIR`)" if path.endswith(".gguf") else ""
+        raise CheckpointError(f"{path}: expected a checkpoint directory, found a file{hint}")
+    if _looks_local(path):
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]
+    try:
+        return snapshot_download(path, revision=revision, allow_patterns=patterns)
+    except HFValidationError:
+        raise CheckpointError(f"{path}: no such checkpoint directory, and not a valid hub id") from None
+    except Exception as e:  # network, auth, offline-cache miss: one clear message, the cause attached
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        why = "offline mode (HF_HUB_OFFLINE) and not in the local cache" if offline else "the hub could not be reached or refused"
+        raise CheckpointError(f"{path}@{revision or 'main'}: cannot fetch from the Hugging Face Hub: {why}: "
+                              f"{type(e).__name__}: {e}") from e
+
+
+def checkpoint_files(directory: str) -> list:
+    """The safetensors files of a checkpoint, each checked to exist inside the directory."""
+    index = os.path.join(directory, INDEX)
+    single = os.path.join(directory, SINGLE)
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                weight_map = json.load(f)["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
+        root = os.path.realpath(directory)
+        bad = [n for n in names if not isinstance(n, str) or os.path.isabs(n) or os.path.basename(n) != n
+               or os.path.dirname(os.path.realpath(os.path.join(root, n))) != root]
+        if bad:  # refused before anything is opened
+            raise CheckpointError(f"{index}: shard names outside the checkpoint directory refused: {bad}")
+        paths = [os.path.join(directory, n) for n in names]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise CheckpointError(f"{index}: names shards that do not exist: {missing}")
+        return paths
+    if os.path.isfile(single):
+        return [single]
+    if any(n.endswith(".bin") for n in os.listdir(directory)):
+        raise CheckpointError(f"{directory}: only pickle (.bin) weights found; hare reads safetensors only")
+    raise CheckpointError(f"{directory}: no {SINGLE} or {INDEX}")
+
+
+def resolve_dtype(dtype, cfg):
+    if dtype is None:
+        dtype = cfg.torch_dtype or "float32"
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        dtype = DTYPES[dtype]
+    return dtype
+
+
+def load_model(path_or_id, dtype=None, device=None, revision=None) -> CausalLM:
+    """Load a Hugging Face checkpoint (local directory or hub id) into hare's decoder.
+
+    dtype: torch dtype or name; None = the checkpoint's torch_dtype (float32 when it names none).
+    device: where the weights go (default: CPU). Base weights are frozen (requires_grad=False)."""
+    directory = resolve_checkpoint(path_or_id, revision)
+    cfg = load_config(directory)
+    dtype = resolve_dtype(dtype, cfg)
+    device = torch.device(device or "cpu")
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    fill(model, directory, dtype, device)
+    return model
+
+
+def fill(model: nn.Module, directory: str, dtype, device):
+    """Fill every parameter of a meta-device model from the checkpoint's shards; strict accounting."""
+    cfg = model.config
+    family = family_for(cfg.model_type)
+    ignored = [re.compile(p) for p in family.IGNORED_KEYS]
+    if cfg.tie_word_embeddings:  # some tied checkpoints also store the head: it is the embedding, skip it
+        ignored.append(re.compile(r"^lm_head\.weight$"))
+    targets = dict(model.named_parameters())
+    filled, unexpected, misshaped, broken = set(), [], [], []
+    for path in checkpoint_files(directory):
+        try:
+            f = safe_open(path, framework="pt", device="cpu")
+        except Exception as e:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+        with f:
+            for key in f.keys():
+                if any(p.search(key) for p in ignored):
+                    continue
+                if key not in targets:
+                    unexpected.append(f"{key} ({os.path.basename(path)})")
+                    continue
+                param = targets[key]
+                shape = tuple(f.get_slice(key).get_shape())
+                if shape != tuple(param.shape):
+                    misshaped.append(f"{key}: checkpoint {shape} vs model {tuple(param.shape)}")
+                    continue
+                try:
+                    t = f.get_tensor(key)
+                except Exception as e:
+                    broken.append(f"{key} in {path}: {type(e).__name__}: {e}")
+                    continue
+                _set(model, key, t.to(device=device, dtype=dtype))
+                filled.add(key)
+    missing = sorted(set(targets) - filled)
+    if missing or unexpected or misshaped or broken:
+        parts = [f"{directory}: checkpoint does not match the {cfg.model_type} model built from config.json"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
+                             ("unreadable", broken)):
+            if items:
+                parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointError("\n".join(parts))
+
+
+def _set(model: nn.Module, key: str, tensor: torch.Tensor):
+    module_path, _, name = key.rpartition(".")
+    module = model.get_submodule(module_path)
+    module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
+
+
+def save_model(model: CausalLM, out_dir: str, dtype=None, max_shard_bytes: int = 5 * 2**30):
+    """Write a Hugging Face-format checkpoint (config.json + safetensors, sharded above max_shard_bytes).
+    Files are written under temporary names and renamed, so a crash leaves no half-written checkpoint."""
+    cfg = model.config
+    os.makedirs(out_dir, exist_ok=True)
+    tensors = {}
+    for name, p in model.named_parameters():  # named_parameters yields a tied weight once
+        if ".lora_" in name:
+            continue
+        tensors[name] = (p.detach() if dtype is None else p.detach().to(dtype)).contiguous().cpu()
+    out_dtype = next(iter(tensors.values())).dtype
+    hf = dict(cfg.hf)
+    hf["torch_dtype"] = str(out_dtype).replace("torch.", "")
+    hf.pop("dtype", None)
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += n
+    shards.append(current)
+    writes = []
+    if len(shards) == 1:
+        writes.append((SINGLE, shards[0]))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            writes.append((fname, shard))
+            weight_map.update({k: fname for k in shard})
+    for fname, shard in writes:
+        tmp = os.path.join(out_dir, f".{fname}.tmp")
+        save_file(shard, tmp, metadata={"format": "pt"})
+        os.replace(tmp, os.path.join(out_dir, fname))
+    if len(shards) > 1:  # the index last: it never names a shard that is not complete
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        _atomic_json(os.path.join(out_dir, INDEX), {"metadata": {"total_size": total}, "weight_map": weight_map})
+    _atomic_json(os.path.join(out_dir, "config.json"), hf)
+
+
+def _atomic_json(path, obj):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
