@@ -116,7 +116,7 @@ def fill(model: nn.Module, directory: str, dtype, device):
     if cfg.tie_word_embeddings:  # some tied checkpoints also store the head: it is the embedding, skip it
         ignored.append(re.compile(r"^lm_head\.weight$"))
     targets = dict(model.named_parameters())
-    filled, unexpected, misshaped, broken = set(), [], [], []
+    filled, seen, unexpected, misshaped, broken = set(), set(), [], [], []
     for path in checkpoint_files(directory):
         try:
             f = safe_open(path, framework="pt", device="cpu")
@@ -129,19 +129,24 @@ def fill(model: nn.Module, directory: str, dtype, device):
                 if key not in targets:
                     unexpected.append(f"{key} ({os.path.basename(path)})")
                     continue
+                if key in filled or key in seen:
+                    broken.append(f"{key} stored twice (again in {os.path.basename(path)})")
+                    continue
                 param = targets[key]
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(param.shape):
                     misshaped.append(f"{key}: checkpoint {shape} vs model {tuple(param.shape)}")
+                    seen.add(key)
                     continue
                 try:
                     t = f.get_tensor(key)
                 except Exception as e:
                     broken.append(f"{key} in {path}: {type(e).__name__}: {e}")
+                    seen.add(key)
                     continue
                 _set(model, key, t.to(device=device, dtype=dtype))
                 filled.add(key)
-    missing = sorted(set(targets) - filled)
+    missing = sorted(set(targets) - filled - seen)
     if missing or unexpected or misshaped or broken:
         parts = [f"{directory}: checkpoint does not match the {cfg.model_type} model built from config.json"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped),
