@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
+from ..kernels import lora
 from .config import ModelConfig
 from .rope import rope_inv_freq, rope_tables
 
@@ -126,9 +127,10 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, doc_ids=None, cache=None, positions=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        q, k, v = lora.qkv(self, x)
+        q = q.view(B, T, self.heads, self.head_dim)
+        k = k.view(B, T, self.kv_heads, self.head_dim)
+        v = v.view(B, T, self.kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin, index = rope["local" if self.local_rope else "global"]
@@ -150,12 +152,7 @@ class MLP(nn.Module):
         self.act = cfg.hidden_act
 
     def forward(self, x):
-        gate, up = self.gate_proj(x), self.up_proj(x)
-        if self.act == "silu":
-            h = kernels.swiglu(gate, up)
-        else:  # gelu_pytorch_tanh / gelu_new / gelu_fast are the tanh approximation; "gelu" is exact erf
-            h = kernels.geglu(gate, up, approximate="none" if self.act == "gelu" else "tanh")
-        return self.down_proj(h)
+        return lora.mlp(self, x)
 
 
 class DecoderLayer(nn.Module):
@@ -185,6 +182,9 @@ class Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = _norm(cfg)
+        # Gradient checkpointing: None, or a callable run_layer(layer, x, *args) -> x that wraps each layer
+        # call (engine code sets it; the decoder only calls it while autograd records).
+        self.run_layer = None
 
 
 class CausalLM(nn.Module):
@@ -256,8 +256,12 @@ class CausalLM(nn.Module):
         rope = self.rope(position_ids, device)
         if cache is not None:
             cache.begin(position_ids, token_mask)
+        run = self.model.run_layer if (self.model.run_layer is not None and torch.is_grad_enabled()) else None
         for layer in self.model.layers:
-            x = layer(x, rope, doc_ids, cache, position_ids)
+            if run is not None and cache is None:
+                x = run(layer, x, rope, doc_ids)
+            else:
+                x = layer(x, rope, doc_ids, cache, position_ids)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)
