@@ -8,6 +8,7 @@
 from .engine.generate import generate, generate_ids
 from .models import (CausalLM, CausalLMOutput, CheckpointError, ConfigError, HareError, ModelConfig,
                      TemplateError, TokenizerError, UnsupportedModelError, load_model, save_model)
-# (tokenizer and GGUF import land with models/tokenizer.py and models/gguf.py)
+from .models.gguf import convert_gguf
+from .models.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
