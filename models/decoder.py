@@ -99,6 +99,8 @@ def cached_attention(q, k, v, q_pos, k_pos, scale, window, softcap):
 def attend(q, k, v, scale, doc_ids, window, softcap):
     """Training / prefill attention dispatch. The plain causal case goes to PyTorch's SDPA (flash / cuDNN on
     the GPU, a fused CPU kernel here); packed documents, windows and softcapping go to kernels.attention."""
+    if window is not None and window >= q.shape[1]:
+        window = None  # i - window < 0 <= j: the window hides nothing (Phi-3.5's 262144, Mistral's 4096 on short rows)
     if doc_ids is None and window is None and softcap is None:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, scale=scale,
@@ -123,7 +125,10 @@ class Attention(nn.Module):
         self.scale = cfg.attention_scale
         self.window = cfg.sliding_window if cfg.layer_is_sliding(layer_idx) else None
         self.softcap = cfg.attn_softcap
-        self.local_rope = cfg.rope_local is not None and cfg.layer_is_sliding(layer_idx)
+        # Gemma 3: layers listed as sliding take the local rope (even if sliding_window were null, as there)
+        self.local_rope = (cfg.rope_local is not None and cfg.layer_types is not None
+                           and cfg.layer_types[layer_idx] == "sliding_attention")
+        self.rotary_dim = cfg.rotary_dim
 
     def forward(self, x, rope, doc_ids=None, cache=None, positions=None):
         B, T, _ = x.shape
@@ -134,7 +139,12 @@ class Attention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin, index = rope["local" if self.local_rope else "global"]
-        q, k = kernels.apply_rope(q, k, cos, sin, index)
+        if self.rotary_dim == self.head_dim:
+            q, k = kernels.apply_rope(q, k, cos, sin, index)
+        else:  # partial rotary (Phi-4-mini): rotate the first rotary_dim channels, pass the rest through
+            r = self.rotary_dim
+            q_rot, k_rot = kernels.apply_rope(q[..., :r], k[..., :r], cos, sin, index)
+            q, k = torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1)
         if cache is None:
             o = attend(q, k, v, self.scale, doc_ids, self.window, self.softcap)
         else:
@@ -215,7 +225,7 @@ class CausalLM(nn.Module):
             if spec is None:
                 continue
             inv_freq, scaling = rope_inv_freq(spec, cfg.head_dim, cfg.max_position_embeddings, positions, device)
-            cos, sin = rope_tables(inv_freq, scaling, positions.reshape(-1))
+            cos, sin = rope_tables(inv_freq, scaling, positions)
             index = torch.arange(B * T, device=device).view(B, T)
             out[name] = (cos, sin, index)
         return out
@@ -251,8 +261,9 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(start, start + T, device=device).expand(B, T)
         x = self.model.embed_tokens(input_ids)
         if cfg.embed_scale:
-            # Gemma: the normalizer sqrt(hidden) is rounded to the activation dtype before the multiply.
-            x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=x.dtype)
+            # Gemma: the normalizer sqrt(hidden) is rounded to the activation dtype before the multiply, going
+            # through fp32 as transformers' buffer does (a direct double -> bf16 rounding can differ).
+            x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=torch.float32).to(x.dtype)
         rope = self.rope(position_ids, device)
         if cache is not None:
             cache.begin(position_ids, token_mask)

@@ -8,6 +8,10 @@ MODEL_TYPES = ("llama",)
 # Checkpoint keys that carry nothing we need (old checkpoints saved the rotary buffer).
 IGNORED_KEYS = (r"(^|\.)rotary_emb\.inv_freq$",)
 
+# Checkpoint key prefix -> module prefix, as (regex, replacement) (none: the keys are the module paths already;
+# Gemma 3's multimodal checkpoints use this).
+RENAMES = ()
+
 # Fused checkpoint tensors that load into separate modules (none for Llama; Phi-3 uses this).
 SPLITS = {}
 

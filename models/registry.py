@@ -1,8 +1,9 @@
-"""model_type -> family module. A family module exposes MODEL_TYPES, IGNORED_KEYS, SPLITS and config_flags()."""
-from . import llama
+"""model_type -> family module. A family module exposes MODEL_TYPES, IGNORED_KEYS, RENAMES, SPLITS and
+config_flags(hf, where); one that takes the text tower of a multimodal wrapper config also has text_tower(hf, where)."""
+from . import gemma, llama, mistral, phi, qwen
 from .errors import UnsupportedModelError
 
-FAMILIES = (llama,)
+FAMILIES = (llama, mistral, gemma, qwen, phi)
 _BY_TYPE = {t: fam for fam in FAMILIES for t in fam.MODEL_TYPES}
 
 

@@ -115,6 +115,7 @@ def fill(model: nn.Module, directory: str, dtype, device):
     ignored = [re.compile(p) for p in family.IGNORED_KEYS]
     if cfg.tie_word_embeddings:  # some tied checkpoints also store the head: it is the embedding, skip it
         ignored.append(re.compile(r"^lm_head\.weight$"))
+    renames = [(re.compile(p), r) for p, r in family.RENAMES]
     targets = dict(model.named_parameters())
     filled, seen, unexpected, misshaped, broken = set(), set(), [], [], []
     for path in checkpoint_files(directory):
@@ -124,28 +125,35 @@ def fill(model: nn.Module, directory: str, dtype, device):
             raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
         with f:
             for key in f.keys():
-                if any(p.search(key) for p in ignored):
+                name = renamed(key, renames)  # the module path this checkpoint key fills
+                if any(p.search(key) or p.search(name) for p in ignored):
                     continue
-                if key not in targets:
-                    unexpected.append(f"{key} ({os.path.basename(path)})")
+                shown = key if name == key else f"{key} (as {name})"
+                parts = split_parts(name, family.SPLITS)
+                if parts is not None:
+                    _fill_split(model, f, key, parts, targets, filled, seen, unexpected, misshaped, broken,
+                                os.path.basename(path), dtype, device)
                     continue
-                if key in filled or key in seen:
-                    broken.append(f"{key} stored twice (again in {os.path.basename(path)})")
+                if name not in targets:
+                    unexpected.append(f"{shown} ({os.path.basename(path)})")
                     continue
-                param = targets[key]
+                if name in filled or name in seen:
+                    broken.append(f"{shown} stored twice (again in {os.path.basename(path)})")
+                    continue
+                param = targets[name]
                 shape = tuple(f.get_slice(key).get_shape())
                 if shape != tuple(param.shape):
-                    misshaped.append(f"{key}: checkpoint {shape} vs model {tuple(param.shape)}")
-                    seen.add(key)
+                    misshaped.append(f"{shown}: checkpoint {shape} vs model {tuple(param.shape)}")
+                    seen.add(name)
                     continue
                 try:
                     t = f.get_tensor(key)
                 except Exception as e:
-                    broken.append(f"{key} in {path}: {type(e).__name__}: {e}")
-                    seen.add(key)
+                    broken.append(f"{shown} in {path}: {type(e).__name__}: {e}")
+                    seen.add(name)
                     continue
-                _set(model, key, t.to(device=device, dtype=dtype))
-                filled.add(key)
+                _set(model, name, t.to(device=device, dtype=dtype))
+                filled.add(name)
     missing = sorted(set(targets) - filled - seen)
     if missing or unexpected or misshaped or broken:
         parts = [f"{directory}: checkpoint does not match the {cfg.model_type} model built from config.json"]
@@ -154,6 +162,80 @@ def fill(model: nn.Module, directory: str, dtype, device):
             if items:
                 parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(parts))
+
+
+def renamed(key: str, renames) -> str:
+    """A checkpoint key under the family's RENAMES (first matching prefix rule), else itself."""
+    for pattern, replacement in renames:
+        if pattern.search(key):
+            return pattern.sub(replacement, key, count=1)
+    return key
+
+
+def split_parts(key: str, splits: dict):
+    """The module tensors a fused checkpoint key loads into (a family's SPLITS: fused suffix -> part suffixes, in
+    row order), or None when the key is not fused. `model.layers.0.self_attn.qkv_proj.weight` ->
+    [`model.layers.0.self_attn.q_proj.weight`, ...]."""
+    for fused, parts in splits.items():
+        if key == fused or key.endswith("." + fused):
+            prefix = key[:len(key) - len(fused)]
+            return [prefix + p for p in parts]
+    return None
+
+
+def _fill_split(model, f, key, names, targets, filled, seen, unexpected, misshaped, broken, fname, dtype, device):
+    """Load one fused tensor into its parts, split along dim 0 by the parts' row counts (from the model)."""
+    absent = [n for n in names if n not in targets]
+    if absent:
+        unexpected.append(f"{key} ({fname}; would fill {absent}, which the model does not have)")
+        return
+    again = [n for n in names if n in filled or n in seen]
+    if again:
+        broken.append(f"{key} stored twice (its parts {again} again in {fname})")
+        return
+    shape = tuple(f.get_slice(key).get_shape())
+    rows = [targets[n].shape[0] for n in names]
+    want = (sum(rows),) + tuple(targets[names[0]].shape[1:])
+    if shape != want or any(tuple(targets[n].shape[1:]) != want[1:] for n in names):
+        misshaped.append(f"{key}: checkpoint {shape} vs model {want} (= {' + '.join(map(str, rows))} rows of "
+                         f"{', '.join(names)})")
+        seen.update(names)
+        return
+    try:
+        t = f.get_tensor(key)
+    except Exception as e:
+        broken.append(f"{key} in {fname}: {type(e).__name__}: {e}")
+        seen.update(names)
+        return
+    for name, piece in zip(names, t.split(rows, dim=0)):
+        # copy=True: each part owns its storage (parts sharing one buffer could not be saved or freed alone)
+        _set(model, name, piece.to(device=device, dtype=dtype, copy=True))
+        filled.add(name)
+
+
+def fuse_splits(tensors: dict, splits: dict) -> dict:
+    """Export: the inverse of split_parts. Concatenates each group of parts back into its fused checkpoint key
+    (at the position of the group's first member met); other tensors pass through in order."""
+    out, done = {}, set()
+    for name, t in tensors.items():
+        if name in done:
+            continue
+        group = None
+        for fused, parts in splits.items():
+            for p in parts:
+                if name == p or name.endswith("." + p):
+                    prefix = name[:len(name) - len(p)]
+                    group = (prefix + fused, [prefix + q for q in parts])
+        if group is None:
+            out[name] = t
+            continue
+        fused_name, names = group
+        absent = [n for n in names if n not in tensors]
+        if absent:
+            raise CheckpointError(f"cannot export {fused_name}: its parts {absent} are missing")
+        out[fused_name] = torch.cat([tensors[n] for n in names], dim=0)
+        done.update(names)
+    return out
 
 
 def _set(model: nn.Module, key: str, tensor: torch.Tensor):
@@ -172,6 +254,7 @@ def save_model(model: CausalLM, out_dir: str, dtype=None, max_shard_bytes: int =
         if ".lora_" in name:
             continue
         tensors[name] = (p.detach() if dtype is None else p.detach().to(dtype)).contiguous().cpu()
+    tensors = fuse_splits(tensors, family_for(cfg.model_type).SPLITS)
     out_dtype = next(iter(tensors.values())).dtype
     hf = dict(cfg.hf)
     hf["torch_dtype"] = str(out_dtype).replace("torch.", "")
