@@ -20,7 +20,8 @@ CONFIGS = {
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_bf16_parity_with_control(tmp_path, name):
     kw = dict(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5, **CONFIGS[name])
+              num_key_value_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5)
+    kw.update(CONFIGS[name])
     torch.manual_seed(0)
     ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
     ref.save_pretrained(tmp_path / name)
