@@ -3,10 +3,43 @@
 q: (B, T, Hq, D), k/v: (B, T, Hk, D) with Hq % Hk == 0. doc_ids: optional (B, T) integers; a query attends
 only to keys of the same document. window: a key j is visible to query i iff i - window < j <= i (the
 convention of transformers' sliding-window masks). softcap: s -> cap * tanh(s / cap) on the scaled logits.
+
+The Triton path is flash attention (Dao et al., "FlashAttention-2", arXiv 2307.08691): never materialize the
+T x T scores; stream key blocks past a block of queries with an online softmax, save only the log-sum-exp.
+
+Forward, for one query row i (visible keys j in V(i), all math in fp32):
+    x_ij = scale * q_i.k_j                         (logit; with softcap: x_ij = cap * tanh(scale * q_i.k_j / cap))
+    m_i  = max_j x_ij,  l_i = sum_j exp(x_ij - m_i),  o_i = sum_j exp(x_ij - m_i) v_j / l_i
+    lse_i = m_i + log(l_i)                          (saved; P_ij = exp(x_ij - lse_i) is recomputed in backward)
+  m and l are updated block by block: m' = max(m, rowmax(x_blk)), l' = l * exp(m - m') + rowsum(exp(x_blk - m')),
+  acc' = acc * exp(m - m') + exp(x_blk - m') @ v_blk. Exponentials are base 2 (exp2 is the hardware op): the
+  kernel carries x * log2(e) and lse * log2(e).
+
+Backward, with dO the gradient of O:
+    dV_j  = sum_i P_ij dO_i                         (summed over the q heads of a kv group: GQA)
+    dP_ij = dO_i . v_j
+    dX_ij = P_ij (dP_ij - delta_i),  delta_i = sum_j P_ij dP_ij = dO_i . O_i      (softmax Jacobian)
+    dS_ij = dX_ij * dx/ds                           s = q.k; dx/ds = scale, or scale * (1 - tanh^2) with softcap
+    dQ_i  = sum_j dS_ij k_j,    dK_j = sum_i dS_ij q_i  (dK summed over the q heads of the group)
+  Three kernels, no atomics: delta (preprocess), dK/dV (one program per key block and kv head, looping over the
+  group's q heads and over query blocks), dQ (one program per query block and q head, looping over key blocks).
+  The dQ kernel recomputes q.k and dO.v (two extra matmuls) in exchange for no atomic adds and no fp32 dQ buffer.
+
+Block skipping: a query block [m0, m1) needs only keys [lo, min(m1, T)) with lo = max(m0 - W + 1, first index of
+  the earliest document among its queries); a key block [n0, n1) is needed only by queries [n0, hi) with
+  hi = min(T, n1 - 1 + W, one past the last index of the latest document among its keys). Other tiles are never
+  loaded. Of the tiles in range, only those that straddle a causal, window or document edge build the mask.
+  Document bounds come from `attention_doc_tables` (a sort, so ids need not be contiguous runs).
 """
 import torch
+import triton
+import triton.language as tl
 
-from ._dispatch import pick_backend
+from ._dispatch import interpreting, pick_backend
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reference (the spec)
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def attention_mask_ref(T, device, doc_ids=None, window=None):
@@ -24,7 +57,9 @@ def attention_ref(q, k, v, scale=None, doc_ids=None, window=None, softcap=None):
     B, T, Hq, D = q.shape
     Hk = k.shape[2]
     scale = D ** -0.5 if scale is None else scale
-    qf, kf, vf = (t.transpose(1, 2).float() for t in (q, k, v))
+    # fp32 math for low-precision inputs; fp64 stays fp64 (the tests' truth).
+    ct = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = (t.transpose(1, 2).to(ct) for t in (q, k, v))
     kf = kf.repeat_interleave(Hq // Hk, dim=1)
     vf = vf.repeat_interleave(Hq // Hk, dim=1)
     s = (qf @ kf.transpose(-1, -2)) * scale
@@ -36,7 +71,564 @@ def attention_ref(q, k, v, scale=None, doc_ids=None, window=None, softcap=None):
     return (p @ vf).transpose(1, 2).to(q.dtype)
 
 
-def attention(q, k, v, scale=None, doc_ids=None, window=None, softcap=None, backend=None):
+# ---------------------------------------------------------------------------------------------------------------
+# Triton helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tanh(x):
+    """fp32 tanh to ~1 ulp, from exp only (the interpreter has no libdevice). Source: Cephes tanhf.c
+    (S. L. Moshier): |x| < 0.625 uses x + x^3 P(x^2) with P's minimax coefficients below; otherwise
+    1 - 2 / (exp(2|x|) + 1), which has no cancellation there (tanh >= 0.55); exp overflow gives exactly 1."""
+    ax = tl.abs(x)
+    z = x * x
+    p = (((-5.70498872745e-3 * z + 2.06390887954e-2) * z - 5.37397155531e-2) * z + 1.33314422036e-1) * z
+    small = x + x * (p - 3.33332819422e-1) * z
+    big = 1.0 - 2.0 / (tl.exp(2.0 * ax) + 1.0)
+    big = tl.where(x < 0, -big, big)
+    return tl.where(ax < 0.625, small, big)
+
+
+@triton.jit
+def _mm(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc + a @ b with fp32 accumulation. UPCAST (interpreter only): its tl.dot on bf16 returns garbage, so
+    both operands go to fp32 first; callers round them to the input dtype before, so the numbers are the GPU's."""
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
+    else:
+        return tl.dot(a, b, acc, input_precision=PREC)
+
+
+@triton.jit
+def _logits(s, scale_log2, cap_log2, inv_cap_scale, SOFTCAP: tl.constexpr):
+    """Base-2 logits from raw scores s = q.k: x * log2(e). Returns (x2, t) where t = tanh(.) for the softcap
+    derivative (t is s itself, unused, without softcap)."""
+    if SOFTCAP:
+        t = _tanh(s * inv_cap_scale)
+        return t * cap_log2, t
+    else:
+        return s * scale_log2, s
+
+
+@triton.jit
+def _visible(offs_m, offs_n, doc_q, doc_k, W, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """(BM, BN) mask of the pairs (query i, key j) that attend: causal, window, same document."""
+    ok = offs_n[None, :] <= offs_m[:, None]
+    if HAS_WINDOW:
+        ok = ok & (offs_n[None, :] > offs_m[:, None] - W)
+    if HAS_DOCS:
+        ok = ok & (doc_k[None, :] == doc_q[:, None])
+    return ok
+
+
+@triton.jit
+def _tile_is_full(m0, m1, n0, n1, W, HAS_WINDOW: tl.constexpr):
+    """True when the causal and window masks keep every pair of queries [m0, m1) x keys [n0, n1) (bounds
+    unclamped, so a tile holding padding rows or columns past T is never 'full' for a real query)."""
+    full = (n1 - 1) <= m0
+    if HAS_WINDOW:
+        full = full & ((m1 - 1) - n0 < W)
+    return full
+
+
+@triton.jit
+def _same_doc(ROW, TS, T, a0, a1, uni, doc):
+    """True when tokens [a0, a1) (a0 < T) are all in document `doc` and `uni` (the other side of the tile is
+    all in `doc`) holds. Plane 3 of the doc tables is the start of each token's run of equal ids, so [a0, a1)
+    is one run iff the run of its last token starts at or before a0: two scalar loads per tile."""
+    return uni & (tl.load(ROW + 3 * TS + tl.minimum(a1, T) - 1) <= a0) & (tl.load(ROW + a0) == doc)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE,            # q (B,T,Hq,D), k/v (B,T,Hk,D), o like q; LSE (B,Hq,T) fp32, base 2
+    DOC, TS,                    # doc tables (4,B,T) int32 (attention_doc_tables), TS = B*T: plane stride
+    sqb, sqt, sqh,              # q strides (last dim contiguous); o is contiguous
+    skb, skt, skh,              # k strides
+    svb, svt, svh,              # v strides
+    T, Hq,
+    scale_log2, cap_log2, inv_cap_scale, W,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    # Causal work grows with the query block; launching the last blocks first evens out the tail of the grid.
+    mb = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    m0 = mb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    b64 = b.to(tl.int64)
+    q_base = Q + b64 * sqb + h * sqh
+    k_base = K + b64 * skb + hk * skh
+    v_base = V + b64 * svb + hk * svh
+
+    q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=(offs_m[:, None] < T) & dmask[None, :],
+                other=0.0)
+
+    # Key range [lo, hi) this query block needs.
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 - W + 1, 0)
+    ROW = DOC
+    doc_q = offs_m
+    q_doc = 0
+    q_uni = 0
+    if HAS_DOCS:
+        # Padding rows read token T-1's entries (clamped), so they change no min and stay finite.
+        ROW = DOC + b64 * T
+        offs_mc = tl.minimum(offs_m, T - 1)
+        doc_q = tl.load(ROW + offs_mc)
+        lo = tl.maximum(lo, tl.min(tl.load(ROW + TS + offs_mc), 0))  # first index of the earliest document
+        q_doc = tl.load(ROW + m0)
+        q_uni = tl.load(ROW + 3 * TS + tl.minimum(m0 + BLOCK_M, T) - 1) <= m0
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    # m starts finite (not -inf) so a row whose first tiles are all masked gives exp2(-inf - m) = 0, never NaN.
+    m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        offs_n = n0 + offs_n0
+        kv_mask = (offs_n[:, None] < T) & dmask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
+        x, t = _logits(s, scale_log2, cap_log2, inv_cap_scale, SOFTCAP)
+        full = _tile_is_full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N, W, HAS_WINDOW)
+        if HAS_DOCS:
+            full = full & _same_doc(ROW, TS, T, n0, n0 + BLOCK_N, q_uni, q_doc)
+        if not full:
+            doc_k = offs_n
+            if HAS_DOCS:
+                doc_k = tl.load(ROW + tl.minimum(offs_n, T - 1))
+            x = tl.where(_visible(offs_m, offs_n, doc_q, doc_k, W, HAS_WINDOW, HAS_DOCS), x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        p = tl.math.exp2(x - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PREC)
+        m_i = m_new
+
+    # Every real query sees at least itself, so l_i > 0 on the rows that are stored; the guard keeps padding
+    # rows (never stored) free of 0/0.
+    l_i = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_i[:, None]
+    tl.store(O + (b64 * T + offs_m[:, None]) * (Hq * D) + h * D + offs_d[None, :], out.to(O.dtype.element_ty),
+             mask=(offs_m[:, None] < T) & dmask[None, :])
+    tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(O, DO, DELTA, sob, sot, soh, sdb, sdt, sdh, T, Hq,
+                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # delta_i = dO_i . O_i (fp32), the row term of the softmax Jacobian; DELTA is (B, Hq, T).
+    mb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // Hq).to(tl.int64)
+    h = bh % Hq
+    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    msk = (offs_m[:, None] < T) & (offs_d[None, :] < D)
+    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=msk, other=0.0)
+    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=msk, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA,    # q/do (B,T,Hq,D) (do has its own strides), k/v (B,T,Hk,D), LSE/DELTA (B,Hq,T)
+    DK, DV,                     # outputs (B,T,Hk,D) contiguous, in k's dtype
+    DOC, TS,                    # as in the forward
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+    T, Hq, Hk,
+    scale, scale_log2, cap_log2, inv_cap_scale, W,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    # One program owns keys [n0, n0 + BLOCK_N) of one kv head and sums over its GROUP q heads: no atomics.
+    nb = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hk
+    hk = bhk % Hk
+    b64 = b.to(tl.int64)
+    n0 = nb * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_m0 = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    kv_mask = (offs_n[:, None] < T) & dmask[None, :]
+    k = tl.load(K + b64 * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+
+    # Query range [lo, hi) that sees this key block.
+    lo = n0
+    hi = T
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, n0 + BLOCK_N - 1 + W)
+    ROW = DOC
+    doc_k = offs_n
+    k_doc = 0
+    k_uni = 0
+    if HAS_DOCS:
+        ROW = DOC + b64 * T
+        offs_nc = tl.minimum(offs_n, T - 1)
+        doc_k = tl.load(ROW + offs_nc)
+        hi = tl.minimum(hi, tl.max(tl.load(ROW + 2 * TS + offs_nc), 0) + 1)  # past the latest document's end
+        k_doc = tl.load(ROW + n0)
+        k_uni = tl.load(ROW + 3 * TS + tl.minimum(n0 + BLOCK_N, T) - 1) <= n0
+    lo = (lo // BLOCK_M) * BLOCK_M
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_base = Q + b64 * sqb + h * sqh
+        do_base = DO + b64 * sdb + h * sdh
+        row_base = (b64 * Hq + h) * T
+        for m0 in range(lo, hi, BLOCK_M):
+            m0 = tl.multiple_of(m0, BLOCK_M)
+            offs_m = m0 + offs_m0
+            q_mask = (offs_m[:, None] < T) & dmask[None, :]
+            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+            do = tl.load(do_base + offs_m[:, None] * sdt + offs_d[None, :], mask=q_mask, other=0.0)
+            # Padding rows (>= T): lse 0 and dO 0, so their P is finite and every product with dO vanishes.
+            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=0.0)
+            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
+            # Transposed tile (keys x queries) so the accumulations below are plain (BN, BM) @ (BM, D) products.
+            sT = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PREC)
+            xT, tT = _logits(sT, scale_log2, cap_log2, inv_cap_scale, SOFTCAP)
+            pT = tl.math.exp2(xT - lse[None, :])
+            full = _tile_is_full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N, W, HAS_WINDOW)
+            if HAS_DOCS:
+                full = full & _same_doc(ROW, TS, T, m0, m0 + BLOCK_M, k_uni, k_doc)
+            if not full:
+                doc_q = offs_m
+                if HAS_DOCS:
+                    doc_q = tl.load(ROW + tl.minimum(offs_m, T - 1))
+                pT = tl.where(tl.trans(_visible(offs_m, offs_n, doc_q, doc_k, W, HAS_WINDOW, HAS_DOCS)), pT, 0.0)
+            # dV_j += sum_i P_ij dO_i
+            dv = _mm(pT.to(do.dtype), do, dv, UPCAST, PREC)
+            # dP_ij = dO_i . v_j ; dX = P (dP - delta) ; softcap: dX *= 1 - tanh^2 (scale applied at the end)
+            dpT = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PREC)
+            dsT = pT * (dpT - delta[None, :])
+            if SOFTCAP:
+                dsT = dsT * (1.0 - tT * tT)
+            # dK_j += sum_i dS_ij q_i
+            dk = _mm(dsT.to(q.dtype), q, dk, UPCAST, PREC)
+
+    out_off = (b64 * T + offs_n[:, None]) * (Hk * D) + hk * D + offs_d[None, :]
+    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,  # DQ (B,T,Hq,D) contiguous, in q's dtype
+    DOC, TS,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+    T, Hq,
+    scale, scale_log2, cap_log2, inv_cap_scale, W,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+):
+    # Same walk as the forward: one query block of one q head, over the key blocks it needs.
+    mb = tl.num_programs(0) - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // Hq
+    h = bh % Hq
+    hk = h // GROUP
+    b64 = b.to(tl.int64)
+    m0 = mb * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n0 = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    dmask = offs_d < D
+    q_mask = (offs_m[:, None] < T) & dmask[None, :]
+    q = tl.load(Q + b64 * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
+    do = tl.load(DO + b64 * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=q_mask, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
+    k_base = K + b64 * skb + hk * skh
+    v_base = V + b64 * svb + hk * svh
+
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 - W + 1, 0)
+    ROW = DOC
+    doc_q = offs_m
+    q_doc = 0
+    q_uni = 0
+    if HAS_DOCS:
+        # Padding rows read token T-1's entries (clamped), so they change no min and stay finite.
+        ROW = DOC + b64 * T
+        offs_mc = tl.minimum(offs_m, T - 1)
+        doc_q = tl.load(ROW + offs_mc)
+        lo = tl.maximum(lo, tl.min(tl.load(ROW + TS + offs_mc), 0))  # first index of the earliest document
+        q_doc = tl.load(ROW + m0)
+        q_uni = tl.load(ROW + 3 * TS + tl.minimum(m0 + BLOCK_M, T) - 1) <= m0
+    lo = (lo // BLOCK_N) * BLOCK_N
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        offs_n = n0 + offs_n0
+        kv_mask = (offs_n[:, None] < T) & dmask[None, :]
+        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
+        x, t = _logits(s, scale_log2, cap_log2, inv_cap_scale, SOFTCAP)
+        p = tl.math.exp2(x - lse[:, None])
+        full = _tile_is_full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N, W, HAS_WINDOW)
+        if HAS_DOCS:
+            full = full & _same_doc(ROW, TS, T, n0, n0 + BLOCK_N, q_uni, q_doc)
+        if not full:
+            doc_k = offs_n
+            if HAS_DOCS:
+                doc_k = tl.load(ROW + tl.minimum(offs_n, T - 1))
+            p = tl.where(_visible(offs_m, offs_n, doc_q, doc_k, W, HAS_WINDOW, HAS_DOCS), p, 0.0)
+        # dP = dO v^T ; dX = P (dP - delta) ; softcap: dX *= 1 - tanh^2 ; dQ += dX k (scale applied at the end)
+        dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _mm(ds.to(k.dtype), k, dq, UPCAST, PREC)
+
+    tl.store(DQ + (b64 * T + offs_m[:, None]) * (Hq * D) + h * D + offs_d[None, :],
+             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _config(D, interp, dtype=torch.bfloat16, docs=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, dK/dV and dQ kernels, by head dim.
+
+    GPU (H200, sm_90): measured with tools/bench_attention.py --sweep (bf16, B 4, T 8192, 32 q / 8 kv heads,
+    causal; the whole table is in the issue-7 report). Forward TFLOP/s, backward as whole-backward TFLOP/s
+    with the other backward kernel at its default.
+    D <= 128 (80 and 96 pad to 128): a 128-query block gives two 64-row warpgroups (num_warps 8) sharing each
+      K/V tile; BLOCK_N 64 keeps the 128 x 64 fp32 scores and the 128 x 128 accumulator in registers; 4 stages
+      of K/V (4 x 2 x 64 x 128 x 2 B = 128 KB of 228 KB shared memory) hide the loads: 445 TFLOP/s, vs 380 with
+      3 stages and 272-326 with 4 warps; 128 x 128 x 3 stages ties (447). dK/dV: 128 keys per program keep
+      dK, dV (2 x 128 x 128 fp32) in registers, 64-query tiles, 3 stages: 370 (64 x 64: 255; 128 x 128: 168).
+      dQ: 128 queries, 64-key tiles, 4 stages: 378 (3 stages: 368).
+    D <= 64: forward 64 x 64, 4 warps (388 vs 383 for 128 x 64 x 8 warps); dK/dV 64 x 64, 4 warps (344 vs
+      314 for 64 x 128 x 8); dQ 128 x 64, 8 warps (314).
+    D = 256: the accumulators double: forward 64 x 64, 4 warps, 3 stages (431; 128 x 64 x 3 stages needs 256 KB
+      of shared memory); dK/dV 64 x 64 x 8 warps x 1 stage (252; 32 x 64 x 2 stages: 220); dQ 128 x 32 (222).
+    Interpreter: small blocks (32 x 16) so tests with T ~ 100 cross several blocks, masks and skips.
+    """
+    if interp:
+        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+    if dtype == torch.float32:
+        # fp32 inputs (tests, not a fast path): tiles take twice the shared memory and the ieee products run
+        # without tensor cores, so small blocks; the bf16 blocks above need up to 340 KB here (limit 227 KB).
+        return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)) if D <= 128 else \
+            dict(fwd=(32, 32, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 32, 4, 1))
+    if docs and D <= 128:
+        # Packed rows: a block that straddles a document edge computes its earlier document's keys for all its
+        # rows, so smaller blocks waste less. 16 documents per 8k row, D 128, doc tables precomputed: forward
+        # 64 x 32 x 4 warps 0.69 ms vs 0.93 ms with the causal blocks; dK/dV 32 x 64 and dQ 64 x 32 (4 warps)
+        # cut the backward by 0.33 and 0.14 ms (of 2.5).
+        return dict(fwd=(64, 32, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3))
+    if D <= 64:
+        return dict(fwd=(64, 64, 4, 3), dkdv=(64, 64, 4, 3), dq=(128, 64, 8, 3))
+    if D <= 128:
+        return dict(fwd=(128, 64, 8, 4), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 4))
+    return dict(fwd=(64, 64, 4, 3), dkdv=(64, 64, 8, 1), dq=(128, 32, 8, 2))
+
+
+def _check(q, k, v, scale, doc_ids, window, softcap):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, T, H, D); got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    B, T, Hq, D = q.shape
+    if k.shape[0] != B or k.shape[1] != T or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in B, T or D")
+    if Hq % k.shape[2] != 0:
+        raise ValueError(f"q heads ({Hq}) must be a multiple of kv heads ({k.shape[2]})")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"q, k, v must share one dtype of fp16/bf16/fp32, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError("q, k, v must be on one device")
+    if D > 256:
+        raise ValueError(f"head dim must be <= 256, got {D}")
+    if doc_ids is not None and (doc_ids.shape != (B, T) or doc_ids.is_floating_point() or doc_ids.is_complex()
+                                or doc_ids.device != q.device):
+        raise ValueError(f"doc_ids must be integer (B, T) = {(B, T)} on q's device, got {doc_ids.dtype} "
+                         f"{tuple(doc_ids.shape)} on {doc_ids.device}")
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or an int >= 1, got {window!r}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
+    if scale is not None and not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be None or a Python number, got {type(scale).__name__}")
+
+
+def attention_doc_tables(doc_ids):
+    """(4, B, T) int32 planes from doc ids (B, T): compact ids; each token's document's first and last index
+    in its row; the start of the token's run of equal ids.
+
+    A decoder computes them once per batch and passes them to every layer's `attention(..., doc_tables=)`:
+    on an H200 (4 x 8192 tokens, 16 documents a row, 32 q heads, D 128) they add 0.27 ms to a 0.69 ms forward,
+    about 25 small launches.
+    Ids need not form contiguous runs (the mask is "same id"), so first/last come from a stable sort: in
+    sorted order a document is one group, its first member has the smallest original index, its last the
+    largest. Computed once per forward and saved for the backward.
+    """
+    B, T = doc_ids.shape
+    sd, idx = torch.sort(doc_ids, dim=1, stable=True)
+    pos = torch.arange(T, device=doc_ids.device).expand(B, T)
+    new = torch.ones_like(sd, dtype=torch.bool)
+    new[:, 1:] = sd[:, 1:] != sd[:, :-1]
+    end = torch.ones_like(new)
+    end[:, :-1] = new[:, 1:]
+    g_start = torch.where(new, pos, 0).cummax(1).values
+    g_end = torch.where(end, pos, T).flip(1).cummin(1).values.flip(1)
+    sorted_planes = torch.stack([new.cumsum(1) - 1, idx.gather(1, g_start), idx.gather(1, g_end)])
+    out = torch.empty(4, B, T, dtype=torch.int32, device=doc_ids.device)
+    out[:3].scatter_(2, idx.expand(3, B, T), sorted_planes.to(torch.int32))
+    run = torch.ones_like(new)
+    run[:, 1:] = out[0, :, 1:] != out[0, :, :-1]
+    out[3] = torch.where(run, pos, 0).cummax(1).values
+    return out
+
+
+def _last_contig(x):
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _scalars(D, scale, softcap, window, T):
+    scale = D ** -0.5 if scale is None else float(scale)
+    cap = float(softcap) if softcap is not None else 1.0
+    has_window = window is not None and window < T  # a window >= T masks nothing
+    return dict(scale=scale, scale_log2=scale * LOG2E, cap_log2=cap * LOG2E, inv_cap_scale=scale / cap,
+                W=int(window) if has_window else T, HAS_WINDOW=has_window, SOFTCAP=softcap is not None)
+
+
+def _attention_fwd(q, k, v, scale, tables, window, softcap, cfg=None):
+    B, T, Hq, D = q.shape
+    Hk = k.shape[2]
+    interp = interpreting(q)
+    BM, BN, warps, stages = (cfg or _config(D, interp, q.dtype, tables is not None))["fwd"]
+    sc = _scalars(D, scale, softcap, window, T)
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
+    has_docs = tables is not None
+    grid = (triton.cdiv(T, BM), B * Hq)
+    _attn_fwd_kernel[grid](
+        q, k, v, o, lse, tables if has_docs else lse, B * T,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        T, Hq,
+        sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"],
+        GROUP=Hq // Hk, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BM, BLOCK_N=BN,
+        HAS_WINDOW=sc["HAS_WINDOW"], HAS_DOCS=has_docs, SOFTCAP=sc["SOFTCAP"],
+        UPCAST=interp, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps, num_stages=stages,
+    )
+    return o, lse
+
+
+def _attention_bwd(do, q, k, v, o, lse, scale, tables, window, softcap, cfg=None):
+    B, T, Hq, D = q.shape
+    Hk = k.shape[2]
+    interp = interpreting(q)
+    cfg = cfg or _config(D, interp, q.dtype, tables is not None)
+    sc = _scalars(D, scale, softcap, window, T)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    do = _last_contig(do)
+    common = dict(GROUP=Hq // Hk, D=D, BLOCK_D=BLOCK_D, HAS_WINDOW=sc["HAS_WINDOW"], HAS_DOCS=tables is not None,
+                  SOFTCAP=sc["SOFTCAP"], UPCAST=interp, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+    scal = (sc["scale"], sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
+
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, Hq,
+        D=D, BLOCK_D=BLOCK_D, BLOCK_M=64, num_warps=4)
+
+    doc = tables if tables is not None else lse
+    dk = torch.empty(B, T, Hk, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, T, Hk, D, device=q.device, dtype=v.dtype)
+    BM, BN, warps, stages = cfg["dkdv"]
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](
+        q, k, v, do, lse, delta, dk, dv, doc, B * T, *strides,
+        T, Hq, Hk, *scal,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+
+    dq = torch.empty(B, T, Hq, D, device=q.device, dtype=q.dtype)
+    BM, BN, warps, stages = cfg["dq"]
+    _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
+        q, k, v, do, lse, delta, dq, doc, B * T, *strides,
+        T, Hq, *scal,
+        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale, tables, window, softcap):
+        q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
+        o, lse = _attention_fwd(q, k, v, scale, tables, window, softcap)
+        ctx.save_for_backward(q, k, v, o, lse, *(() if tables is None else (tables,)))
+        ctx.args = (scale, window, softcap)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, *tables = ctx.saved_tensors
+        scale, window, softcap = ctx.args
+        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, scale, tables[0] if tables else None, window, softcap)
+        return dq, dk, dv, None, None, None, None
+
+
+def attention(q, k, v, scale=None, doc_ids=None, window=None, softcap=None, backend=None, doc_tables=None):
+    """Causal attention; see the module docstring. backend: None (Triton on CUDA, ref otherwise), "triton", "ref".
+
+    doc_tables: optional `attention_doc_tables(doc_ids)`, computed once and shared by all layers of a batch;
+    the Triton path then skips recomputing them. doc_ids must still be given (the ref path uses it).
+    """
     if pick_backend(backend, q) == "ref":
         return attention_ref(q, k, v, scale, doc_ids, window, softcap)
-    raise NotImplementedError("Triton attention: issue 7")
+    _check(q, k, v, scale, doc_ids, window, softcap)
+    if doc_tables is not None and (doc_ids is None or doc_tables.dtype != torch.int32
+                                   or doc_tables.shape != (4, *doc_ids.shape) or doc_tables.device != q.device):
+        raise ValueError("doc_tables must be attention_doc_tables(doc_ids) (int32 (4, B, T) on q's device), "
+                         "given together with doc_ids")
+    if doc_ids is not None and doc_tables is None:
+        doc_tables = attention_doc_tables(doc_ids)
+    return AttentionFunction.apply(q, k, v, scale, doc_tables, window, softcap)

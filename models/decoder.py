@@ -96,17 +96,19 @@ def cached_attention(q, k, v, q_pos, k_pos, scale, window, softcap):
     return (torch.softmax(s, -1) @ vf).transpose(1, 2).to(q.dtype)
 
 
-def attend(q, k, v, scale, doc_ids, window, softcap):
+def attend(q, k, v, scale, docs, window, softcap):
     """Training / prefill attention dispatch. The plain causal case goes to PyTorch's SDPA (flash / cuDNN on
     the GPU, a fused CPU kernel here); packed documents, windows and softcapping go to kernels.attention."""
     if window is not None and window >= q.shape[1]:
         window = None  # i - window < 0 <= j: the window hides nothing (Phi-3.5's 262144, Mistral's 4096 on short rows)
-    if doc_ids is None and window is None and softcap is None:
+    if docs is None and window is None and softcap is None:
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                            is_causal=True, scale=scale,
                                            enable_gqa=q.shape[2] != k.shape[2])
         return o.transpose(1, 2)
-    return kernels.attention(q, k, v, scale=scale, doc_ids=doc_ids, window=window, softcap=softcap)
+    doc_ids, doc_tables = docs if docs is not None else (None, None)
+    return kernels.attention(q, k, v, scale=scale, doc_ids=doc_ids, window=window, softcap=softcap,
+                             doc_tables=doc_tables)
 
 
 class Attention(nn.Module):
@@ -130,7 +132,7 @@ class Attention(nn.Module):
                            and cfg.layer_types[layer_idx] == "sliding_attention")
         self.rotary_dim = cfg.rotary_dim
 
-    def forward(self, x, rope, doc_ids=None, cache=None, positions=None):
+    def forward(self, x, rope, docs=None, cache=None, positions=None):
         B, T, _ = x.shape
         q, k, v = lora.qkv(self, x)
         q = q.view(B, T, self.heads, self.head_dim)
@@ -146,7 +148,7 @@ class Attention(nn.Module):
             q_rot, k_rot = kernels.apply_rope(q[..., :r], k[..., :r], cos, sin, index)
             q, k = torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1)
         if cache is None:
-            o = attend(q, k, v, self.scale, doc_ids, self.window, self.softcap)
+            o = attend(q, k, v, self.scale, docs, self.window, self.softcap)
         else:
             k_all, v_all, k_pos = cache.store(self.layer_idx, k, v)
             o = cached_attention(q, k_all, v_all, positions, k_pos, self.scale, self.window, self.softcap)
@@ -177,8 +179,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = _norm(cfg)
             self.post_feedforward_layernorm = _norm(cfg)
 
-    def forward(self, x, rope, doc_ids=None, cache=None, positions=None):
-        a = self.self_attn(self.input_layernorm(x), rope, doc_ids, cache, positions)
+    def forward(self, x, rope, docs=None, cache=None, positions=None):
+        a = self.self_attn(self.input_layernorm(x), rope, docs, cache, positions)
         if self.sandwich:
             x = x + self.post_attention_layernorm(a)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -265,14 +267,18 @@ class CausalLM(nn.Module):
             # through fp32 as transformers' buffer does (a direct double -> bf16 rounding can differ).
             x = x * torch.tensor(cfg.hidden_size ** 0.5, dtype=torch.float32).to(x.dtype)
         rope = self.rope(position_ids, device)
+        # Packed documents: the Triton attention's per-row document tables are built once per batch, not per layer.
+        docs = None
+        if doc_ids is not None:
+            docs = (doc_ids, kernels.attention_doc_tables(doc_ids) if doc_ids.is_cuda else None)
         if cache is not None:
             cache.begin(position_ids, token_mask)
         run = self.model.run_layer if (self.model.run_layer is not None and torch.is_grad_enabled()) else None
         for layer in self.model.layers:
             if run is not None and cache is None:
-                x = run(layer, x, rope, doc_ids)
+                x = run(layer, x, rope, docs)
             else:
-                x = layer(x, rope, doc_ids, cache, position_ids)
+                x = layer(x, rope, docs, cache, position_ids)
         if cache is not None:
             cache.advance(T)
         return self.model.norm(x)

@@ -1,0 +1,184 @@
+"""Triton attention vs attention_ref (fp64 truth; control = the ref in the kernel's dtype).
+
+On CPU the kernels run in the Triton interpreter with 32 x 16 blocks (kernels/attention.py: _config), so
+T = 129 crosses several query and key blocks, diagonal tiles, skipped tiles and document edges. The GPU runs
+the same tests with its own blocks, plus the long and wide cases the interpreter is too slow for.
+"""
+import pytest
+import torch
+
+from hare.kernels.attention import attention, attention_doc_tables, attention_ref
+from tests.tolerance import assert_close_to_ref
+
+CUDA = torch.cuda.is_available()
+DEV = "cuda" if CUDA else "cpu"
+# fp32 checks the algorithm to ~1e-6; fp16/bf16 check the rounding of P and dS to the input dtype before the
+# tensor-core products. The interpreter's bf16 runs through the fp32 upcast (see kernels/_dispatch.py).
+LOW = [torch.float16, torch.bfloat16] if CUDA else [torch.float16]
+DTYPES = [torch.float32] + LOW
+gpu_only = pytest.mark.skipif(not CUDA, reason="too slow for the Triton interpreter")
+
+
+def docs_from_lengths(rows):
+    """(B, T) document ids from per-row document lengths (each row's lengths sum to T)."""
+    return torch.tensor([[d for d, n in enumerate(lens) for _ in range(n)] for lens in rows], device=DEV)
+
+
+def check(B, T, Hq, Hk, D, dtype, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, do = (torch.randn(B, T, h, D, generator=g).to(DEV) for h in (Hq, Hk, Hk, Hq))
+
+    def run(fn, dt):
+        leaves = [t.to(dt).requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves, **kw)
+        return (o, *torch.autograd.grad(o, leaves, do.to(dt)))
+
+    out = run(lambda *a, **k_: attention(*a, backend="triton", **k_), dtype)
+    ref64 = run(attention_ref, torch.float64)
+    control = run(attention_ref, dtype)
+    for name, a, r, c in zip(("out", "dq", "dk", "dv"), out, ref64, control):
+        assert a.dtype == dtype, name
+        assert_close_to_ref(a, r, c, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("T", [1, 17, 129])
+def test_lengths(T, dtype):
+    check(1, T, 2, 1, 64, dtype)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("D", [64, 80, 96, 128, 256])
+def test_long_head_dims(D, dtype):
+    check(2, 1000, 4, 2, D, dtype)
+
+
+@gpu_only
+@pytest.mark.parametrize("dtype", LOW)
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_long_all_features(D, dtype):
+    docs = docs_from_lengths([[300, 1, 99, 600], [1000]])
+    check(2, 1000, 8, 1, D, dtype, doc_ids=docs, window=257, softcap=20.0, scale=0.2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_documents_unequal(dtype):
+    # Row 0: four documents, one of length 1 and one shorter than a block; row 1: two documents.
+    docs = docs_from_lengths([[50, 3, 1, 75], [10, 119]])
+    check(2, 129, 2, 1, 64, dtype, doc_ids=docs)
+
+
+def test_precomputed_doc_tables():
+    # The decoder computes the tables once per batch; same results as computing them inside the call.
+    docs = docs_from_lengths([[7, 26]])
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(1, 33, h, 16, generator=g).to(DEV) for h in (2, 1))
+    a = attention(q, k, k, doc_ids=docs, backend="triton")
+    b = attention(q, k, k, doc_ids=docs, backend="triton", doc_tables=attention_doc_tables(docs))
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="doc_tables"):
+        attention(q, k, k, backend="triton", doc_tables=attention_doc_tables(docs))
+
+
+def test_documents_interleaved_ids():
+    # The mask is "same id", not "same contiguous run": ids that reappear later must still see each other.
+    g = torch.Generator().manual_seed(1)
+    docs = torch.randint(0, 3, (2, 65), generator=g).to(DEV) - 7
+    check(2, 65, 2, 2, 32, torch.float32, doc_ids=docs)
+
+
+def test_doc_tables():
+    docs = torch.tensor([[5, 5, 9, 9, 9, 5, -1]], device=DEV)
+    doc, first, last, run = attention_doc_tables(docs).cpu()
+    assert doc.tolist() == [[1, 1, 2, 2, 2, 1, 0]]
+    assert first.tolist() == [[0, 0, 2, 2, 2, 0, 6]]
+    assert last.tolist() == [[5, 5, 4, 4, 4, 5, 6]]
+    assert run.tolist() == [[0, 0, 2, 2, 2, 5, 6]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [2, 16, 40, 200])
+def test_window(window, dtype):
+    check(1, 129, 2, 1, 64, dtype, window=window)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_window_one(dtype):
+    # Each query sees only itself: out = v, and dq = dk = 0 exactly, since dS = P (dP - delta) with dP = delta.
+    # The kernel forms dP = dO.v (a tensor-core dot) and delta = dO.O (a row sum) in different orders, so it
+    # returns a residue of a few fp32 ulps of |dO||v| (~1e-6), which the fp32 floor (4 ulps of max(|ref|, 1) =
+    # 1) cannot see; in fp16/bf16 the floor covers it. fp32 windows start at 2 (test_window).
+    check(1, 129, 2, 1, 64, dtype, window=1)
+
+
+@pytest.mark.parametrize("Hq,Hk", [(2, 2), (4, 1), (8, 1), (8, 2)])
+def test_gqa(Hq, Hk):
+    check(1, 65, Hq, Hk, 32, torch.float32)
+
+
+def test_gqa_low_precision():
+    check(1, 65, 8, 1, 32, LOW[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("softcap,scale", [(5.0, None), (5.0, 0.5), (None, 0.37)])
+def test_softcap_and_scale(softcap, scale, dtype):
+    # scale 0.5 makes logits of a few units, so cap 5 is well into tanh's nonlinear range.
+    check(1, 129, 2, 1, 64, dtype, softcap=softcap, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_head_dim_80_all_features(dtype):
+    docs = docs_from_lengths([[60, 2, 67]])
+    check(1, 129, 2, 1, 80, dtype, doc_ids=docs, window=33, softcap=8.0, scale=0.3)
+
+
+def test_bf16_all_features():
+    docs = docs_from_lengths([[20, 45]])
+    check(1, 65, 4, 2, 64, torch.bfloat16, doc_ids=docs, window=24, softcap=10.0)
+
+
+def test_noncontiguous_inputs():
+    # q/k/v as slices of a fused qkv projection (row stride != H * D), the layout a fused projection gives.
+    g = torch.Generator().manual_seed(2)
+    B, T, D = 1, 33, 32
+    qkv = torch.randn(B, T, 4 + 2 + 2, D, generator=g).to(DEV)
+    q, k, v = qkv[:, :, :4], qkv[:, :, 4:6], qkv[:, :, 6:]
+    out = attention(q, k, v, backend="triton", window=9)
+    ref64 = attention_ref(q.double(), k.double(), v.double(), window=9)
+    assert_close_to_ref(out, ref64, attention_ref(q, k, v, window=9))
+
+
+def test_backend_choice():
+    q = torch.randn(1, 5, 2, 16)
+    k = torch.randn(1, 5, 1, 16)
+    assert torch.equal(attention(q, k, k), attention_ref(q, k, k))  # CPU tensors, backend=None: ref
+    with pytest.raises(ValueError, match="backend"):
+        attention(q, k, k, backend="cuda")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(window=0), "window"),
+    (dict(window=2.5), "window"),
+    (dict(softcap=0.0), "softcap"),
+    (dict(doc_ids=torch.zeros(1, 5)), "doc_ids"),
+    (dict(doc_ids=torch.zeros(1, 4, dtype=torch.long)), "doc_ids"),
+])
+def test_errors(kwargs, match):
+    q = torch.randn(1, 5, 2, 16, device=DEV)
+    k = torch.randn(1, 5, 1, 16, device=DEV)
+    kwargs = {n: (a.to(DEV) if torch.is_tensor(a) else a) for n, a in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, k, backend="triton", **kwargs)
+
+
+def test_shape_errors():
+    q = torch.randn(1, 5, 3, 16, device=DEV)
+    with pytest.raises(ValueError, match="multiple"):
+        attention(q, torch.randn(1, 5, 2, 16, device=DEV), torch.randn(1, 5, 2, 16, device=DEV), backend="triton")
+    with pytest.raises(ValueError, match="dtype"):
+        attention(q, q.half(), q, backend="triton")
+    with pytest.raises(ValueError, match="head dim"):
+        big = torch.randn(1, 2, 1, 320, device=DEV)
+        attention(big, big, big, backend="triton")
