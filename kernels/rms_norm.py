@@ -1,27 +1,306 @@
-"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * (offset + w).
+"""RMSNorm: y = x / sqrt(mean(x^2) + eps) * (offset + w), optionally fused with the residual add before it.
 
 Casting rules (`casting`), as the reference models do it:
-  "llama": statistics in fp32, normalized x cast back to x.dtype, then multiplied by w in w's dtype
-           (transformers LlamaRMSNorm: `weight * hidden.to(input_dtype)`).
-  "gemma": everything in fp32, `(offset + w.float())`, cast to x.dtype at the end (GemmaRMSNorm).
+  "llama": statistics in fp32, normalized x cast back to x.dtype, then multiplied by (offset + w) in w's dtype
+           (transformers LlamaRMSNorm: `weight * hidden.to(input_dtype)`); output dtype = promote(w, x).
+  "gemma": everything in fp32, `(offset + w.float())`, cast to x.dtype at the end (transformers GemmaRMSNorm).
+Offset 1 is Gemma's `1 + w` parametrization; other families use offset 0.
+
+Fused residual variant (`rms_norm_residual`): h = x + residual (rounded to x.dtype, as the decoder's `residual +
+hidden` does), y = rms_norm(h); one pass returns both, so h is never re-read just to normalize it.
+
+Backward. With r = (mean(x^2) + eps)^(-1/2), xhat = x r, weff = offset + w and g = dy * weff (all fp32):
+  dr/dx_i = -r^3 x_i / N, so
+  dx_i = sum_j g_j d(x_j r)/dx_i = r g_i - r^3 x_i / N * sum_j g_j x_j = r * (g_i - xhat_i * mean_j(g_j xhat_j))
+  dw_j = sum_rows dy_j * xhat_j
+The casts in the forward are identity for the gradient (autograd treats `.to` as identity), and the kernels
+keep xhat and g in fp32 rather than re-rounding them, which only brings the result closer to the fp64 truth.
+In the residual variant h feeds both y and the caller, so dx = dresidual = dh + (the dx above).
+dw is reduced over rows in two stages: each backward program sums its rows into one fp32 row of a
+(programs, N) buffer, and one torch sum over programs finishes it (deterministic, no atomics).
 """
 import torch
+import triton
+import triton.language as tl
 
 from ._dispatch import pick_backend
 
+CASTINGS = ("llama", "gemma")
+
+# Largest row we normalize in one tile (elements). A row lives in registers: 64K fp32 values over 16 warps is
+# 128 per thread, the edge before spilling; hidden sizes of current models are <= 16384.
+MAX_BLOCK_N = 65536
+# Elements per program in the forward when rows are short (q/k norms over head_dim 128): several rows share a
+# program so each one moves >= 8 KiB of bf16, instead of launching a program per 256-byte row.
+TILE_ELEMENTS = 4096
+# Backward programs per SM when dw is needed: each program writes one fp32 row of partial dw, so fewer
+# programs mean a smaller partial buffer; 4 per SM keeps 32 warps resident per SM with BLOCK_N 4096
+# (8 warps each). Measured (H200, hidden 4096 bf16, CUDA-graph timing): fwd+bwd with dw reaches 2.9-3.3 TB/s
+# = 69-78% of the 4.2 TB/s copy, against 4.0-4.2 TB/s (96-99%) without dw (frozen weight, one tile per program):
+# each program walks its 16-32 rows one reduction at a time, so this path is latency-bound. Not yet tuned:
+# tools/bench_kernels.py --sweep times 2/4/8 programs per SM and 1/2 rows per loop step.
+BWD_PROGRAMS_PER_SM = 4
+# On the interpreter any count is correct; a few programs with uneven row chunks exercise the two-stage sum.
+BWD_PROGRAMS_CPU = 4
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    x_ptr,  # (M, N) input rows; last dim contiguous, row stride x_row
+    r_ptr,  # (M, N) residual rows, row stride r_row (read only when HAS_RESIDUAL)
+    h_ptr,  # (M, N) out: x + residual in x's dtype, row stride h_row (written only when HAS_RESIDUAL)
+    w_ptr,  # (N,) weight, contiguous
+    y_ptr,  # (M, N) out: normalized rows, row stride y_row
+    rstd_ptr,  # (M,) out fp32: 1 / sqrt(mean(h^2) + eps), kept for the backward
+    M, N,  # rows, row length
+    x_row, r_row, h_row, y_row,  # row strides in elements
+    eps, offset,  # fp32 scalars
+    HAS_RESIDUAL: tl.constexpr,  # fuse h = x + residual
+    GEMMA: tl.constexpr,  # casting "gemma" (all fp32) vs "llama" (round xhat to x.dtype, weff to w.dtype)
+    BLOCK_M: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # next power of two >= N: the whole row is one tile
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    row_ok = rows < M
+    col_ok = cols < N
+    mask = row_ok[:, None] & col_ok[None, :]
+    rows = rows.to(tl.int64)  # rows * stride can pass 2^31 on long sequences
+    x = tl.load(x_ptr + rows[:, None] * x_row + cols[None, :], mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        res = tl.load(r_ptr + rows[:, None] * r_row + cols[None, :], mask=mask, other=0.0)
+        # one rounding to x's dtype, as torch's `x + residual` (it adds in fp32 and rounds)
+        x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        tl.store(h_ptr + rows[:, None] * h_row + cols[None, :], x, mask=mask)
+    xf = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)
+    xhat = xf * rstd[:, None]
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if GEMMA:
+        y = xhat * (offset + w)[None, :]
+    else:
+        # llama: (offset + w) rounded in w's dtype, xhat rounded to x's dtype, product rounded once to y's
+        # dtype (exact in fp32 before that rounding: two <= 11-bit mantissas fit in 24 bits).
+        weff = (w + offset).to(w_ptr.dtype.element_ty).to(tl.float32)
+        y = weff[None, :] * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * y_row + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(rstd_ptr + rows, rstd, mask=row_ok)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    dy_ptr,  # (M, N) gradient of y, row stride dy_row
+    dh_ptr,  # (M, N) gradient arriving at h (residual variant), row stride dh_row; read only when HAS_DH
+    x_ptr,  # (M, N) the normalized input (h in the residual variant), row stride x_row
+    w_ptr,  # (N,) weight
+    rstd_ptr,  # (M,) fp32 from the forward
+    dx_ptr,  # (M, N) out: gradient of x (and of residual), row stride dx_row
+    dw_part_ptr,  # (programs, N) fp32 out: this program's partial sum of dw over its rows (when COMPUTE_DW)
+    M, N,  # rows, row length
+    dy_row, dh_row, x_row, dx_row,  # row strides in elements
+    rows_per_program,  # contiguous chunk of rows owned by one program (a multiple of BLOCK_M)
+    offset,  # fp32 scalar
+    HAS_DH: tl.constexpr,  # add dh into dx
+    GEMMA: tl.constexpr,  # casting, as in the forward (decides how weff is rounded)
+    COMPUTE_DW: tl.constexpr,  # False when the weight is frozen (LoRA): no partial buffer at all
+    BLOCK_M: tl.constexpr,  # rows per loop step
+    BLOCK_N: tl.constexpr,  # next power of two >= N
+):
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if GEMMA:
+        weff = offset + w
+    else:
+        weff = (w + offset).to(w_ptr.dtype.element_ty).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_start, row_end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < row_end
+        mask = row_ok[:, None] & col_ok[None, :]
+        rows = rows.to(tl.int64)
+        x = tl.load(x_ptr + rows[:, None] * x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None] * dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
+        xhat = x * rstd[:, None]
+        # g = dy * weff;  dx = r * (g - xhat * mean(g * xhat))
+        g = dy * weff[None, :]
+        c = tl.sum(g * xhat, axis=1) / N
+        dx = rstd[:, None] * (g - xhat * c[:, None])
+        if HAS_DH:
+            # h = x + residual also leaves the op: its gradient adds straight through
+            dx += tl.load(dh_ptr + rows[:, None] * dh_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + rows[:, None] * dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            # dw_j = sum_rows dy_j * xhat_j (masked rows load zeros and add nothing)
+            dw_acc += dy * xhat
+    if COMPUTE_DW:
+        tl.store(dw_part_ptr + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+
+
+def _rows(t, n):
+    """2-D (rows, n) view of `t` with a contiguous last dim; copies only when no such view exists."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
+
+
+def _config(n, tile=None, num_warps=None):
+    """(BLOCK_M, BLOCK_N, num_warps) for rows of length n; `tile` and `num_warps` override the defaults
+    (tools/bench_kernels.py --sweep)."""
+    block_n = triton.next_power_of_2(n)
+    if block_n > MAX_BLOCK_N:
+        raise ValueError(f"rms_norm: x.shape[-1]={n} is longer than the {MAX_BLOCK_N} a tile holds")
+    block_m = max(1, (tile or TILE_ELEMENTS) // block_n)
+    # 16 elements per thread for the tile (2 x 16-byte loads of bf16), between 4 and 16 warps. Measured (H200,
+    # hidden 4096 bf16, 8 warps): forward 3.5-3.7 TB/s = 84-89% of the 4.2 TB/s copy; other counts: --sweep.
+    num_warps = num_warps or min(16, max(4, block_m * block_n // 512))
+    return block_m, block_n, num_warps
+
+
+def _check(x, weight, casting, residual=None):
+    if casting not in CASTINGS:
+        raise ValueError(f"casting must be 'llama' or 'gemma', got {casting!r}")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"weight must have shape ({x.shape[-1]},) to match x.shape[-1], got {tuple(weight.shape)}")
+    if weight.device != x.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x.device}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        raise ValueError(f"residual must match x (shape {tuple(x.shape)}, {x.dtype}, {x.device}), got "
+                         f"{tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+
+
+def rms_norm_fwd(x, weight, eps, offset, casting, residual=None, tile=None, num_warps=None):
+    """Returns (y, h or None, rstd). y, h have x's shape; rstd is (rows,) fp32."""
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    m = x2.shape[0]
+    gemma = casting == "gemma"
+    y_dtype = x.dtype if gemma else torch.promote_types(weight.dtype, x.dtype)
+    y = torch.empty(x.shape, dtype=y_dtype, device=x.device)
+    y2 = y.view(-1, n)
+    rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = _rows(residual, n)
+        h = torch.empty_like(x, memory_format=torch.contiguous_format)
+        h2 = h.view(-1, n)
+    else:
+        r2 = h2 = x2  # unused by the kernel (HAS_RESIDUAL=False)
+        h = None
+    if m == 0:
+        return y, h, rstd
+    block_m, block_n, num_warps = _config(n, tile, num_warps)
+    _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
+        x2, r2, h2, weight.contiguous(), y2, rstd, m, n,
+        x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0), float(eps), float(offset),
+        HAS_RESIDUAL=residual is not None, GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    return y, h, rstd
+
+
+def rms_norm_bwd(dy, dh, x, weight, rstd, offset, casting, compute_dw, tile=None, num_warps=None,
+                 programs_per_sm=None):
+    """dy: gradient of y; dh: gradient of h (residual variant) or None; x: the normalized input (h).
+    Returns (dx, dw or None). The keyword arguments override the tuning constants (bench --sweep)."""
+    n = x.shape[-1]
+    x2 = _rows(x, n)
+    dy2 = _rows(dy, n)
+    dh2 = _rows(dh, n) if dh is not None else dy2
+    m = x2.shape[0]
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    dx2 = dx.view(-1, n)
+    if m == 0:
+        return dx, (torch.zeros_like(weight) if compute_dw else None)
+    block_m, block_n, num_warps = _config(n, tile, num_warps)
+    tiles = triton.cdiv(m, block_m)
+    if compute_dw:
+        if x.is_cuda:
+            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+            target = sms * (programs_per_sm or BWD_PROGRAMS_PER_SM)
+        else:
+            target = BWD_PROGRAMS_CPU
+        rows_per_program = triton.cdiv(tiles, min(tiles, target)) * block_m
+    else:
+        rows_per_program = block_m  # no reduction: one tile per program, as many programs as tiles
+    grid = triton.cdiv(m, rows_per_program)
+    dw_part = torch.empty((grid, n) if compute_dw else (1,), dtype=torch.float32, device=x.device)
+    _rms_norm_bwd_kernel[(grid,)](
+        dy2, dh2, x2, weight.contiguous(), rstd, dx2, dw_part, m, n,
+        dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0), rows_per_program, float(offset),
+        HAS_DH=dh is not None, GEMMA=casting == "gemma", COMPUTE_DW=compute_dw,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+    )
+    # stage 2 of the dw reduction: (programs, N) fp32 -> (N,), rounded once to w's dtype
+    dw = dw_part.sum(0).to(weight.dtype) if compute_dw else None
+    return dx, dw
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, casting):
+        y, _, rstd = rms_norm_fwd(x, weight, eps, offset, casting)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.offset, ctx.casting = offset, casting
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_bwd(dy, None, x, weight, rstd, ctx.offset, ctx.casting, ctx.needs_input_grad[1])
+        return dx, dw, None, None, None
+
+
+class RMSNormResidualFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, offset, casting):
+        y, h, rstd = rms_norm_fwd(x, weight, eps, offset, casting, residual=residual)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.offset, ctx.casting = offset, casting
+        ctx.set_materialize_grads(False)  # an unused h (or y) arrives as None: skip reading zeros
+        return y, h
+
+    @staticmethod
+    def backward(ctx, dy, dh):
+        h, weight, rstd = ctx.saved_tensors
+        if dy is None:  # only h was used: y contributes nothing
+            dx = dh if dh is not None else torch.zeros_like(h)
+            dw = torch.zeros_like(weight) if ctx.needs_input_grad[2] else None
+        else:
+            dx, dw = rms_norm_bwd(dy, dh, h, weight, rstd, ctx.offset, ctx.casting, ctx.needs_input_grad[2])
+        # h = x + residual: both inputs receive the same gradient (as torch's own add backward returns it twice)
+        return dx, dx, dw, None, None, None
+
 
 def rms_norm_ref(x, weight, eps, offset=0.0, casting="llama"):
-    xf = x.float()
+    # "fp32" below is promote(dtype, fp32): the same for low-precision inputs, true fp64 for the test oracle
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     if casting == "gemma":
-        return (xf * (offset + weight.float())).to(x.dtype)
+        return (xf * (offset + weight.to(torch.promote_types(weight.dtype, torch.float32)))).to(x.dtype)
     if casting == "llama":
         w = weight + offset if offset else weight
         return w * xf.to(x.dtype)
     raise ValueError(f"casting must be 'llama' or 'gemma', got {casting!r}")
 
 
+def rms_norm_residual_ref(x, residual, weight, eps, offset=0.0, casting="llama"):
+    h = x + residual
+    return rms_norm_ref(h, weight, eps, offset, casting), h
+
+
 def rms_norm(x, weight, eps, offset=0.0, casting="llama", backend=None):
     if pick_backend(backend, x) == "ref":
         return rms_norm_ref(x, weight, eps, offset, casting)
-    raise NotImplementedError("Triton rms_norm: issue 3")
+    _check(x, weight, casting)
+    return RMSNormFunction.apply(x, weight, eps, offset, casting)
+
+
+def rms_norm_residual(x, residual, weight, eps, offset=0.0, casting="llama", backend=None):
+    """Returns (y, h): h = x + residual (the new residual stream), y = rms_norm(h)."""
+    if pick_backend(backend, x) == "ref":
+        return rms_norm_residual_ref(x, residual, weight, eps, offset, casting)
+    _check(x, weight, casting, residual)
+    return RMSNormResidualFunction.apply(x, residual, weight, eps, offset, casting)

@@ -1,15 +1,157 @@
-"""SwiGLU: silu(gate) * up, computed in fp32 and rounded once."""
+"""SwiGLU: y = silu(gate) * up, computed in fp32 and rounded once to gate's dtype.
+
+With s = sigmoid(g), silu(g) = g s and silu'(g) = s + g s (1 - s) = s (1 + g (1 - s)), so
+  dup   = dy * silu(g)
+  dgate = dy * up * s (1 + g (1 - s))
+s and 1 - s are both taken from t = exp(-|g|) (never overflows): for g >= 0, s = 1 / (1 + t), 1 - s = t / (1 + t),
+mirrored for g < 0. Forming 1 - s by subtraction instead loses all relative accuracy once s rounds near 1
+(g > ~10), and g * (1 - s) then carries an error of ~g * eps; seen as 4x the control's dgate error in fp32.
+The backward recomputes s from gate instead of storing the activation: it reads gate and up anyway, and a
+stored activation would cost one more (tokens x intermediate) tensor per layer.
+
+Shapes: any leading shape, flattened to (rows, N) with N = the last dim. gate and up may be strided row views
+(e.g. the two halves of a fused gate_up projection) as long as the last dim is contiguous.
+"""
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from ._dispatch import pick_backend
 
+# Elementwise tiles of BLOCK elements (rows x columns; short rows share a program): 1024 over 4 warps is 8 per
+# thread, one 16-byte load of bf16 per tensor per thread; the grid then has ~100k programs at Llama-3-8B sizes,
+# plenty to hide memory latency.
+# Measured (H200, 8192-16384 x 14336 bf16): forward and backward 4.0-4.1 TB/s = 96-99% of the 4.2 TB/s copy;
+# other tiles: tools/bench_kernels.py --sweep.
+BLOCK = 1024
+NUM_WARPS = 4
+
+
+@triton.jit
+def _sigmoid_pair(x):
+    """fp32 (sigmoid(x), 1 - sigmoid(x)), both with full relative accuracy, no overflow."""
+    t = tl.exp(-tl.abs(x))
+    r = 1.0 / (1.0 + t)
+    pos = x >= 0
+    return tl.where(pos, r, t * r), tl.where(pos, t * r, r)
+
+
+@triton.jit
+def _swiglu_fwd_kernel(
+    g_ptr,  # (M, N) gate rows, row stride g_row, last dim contiguous
+    u_ptr,  # (M, N) up rows, row stride u_row
+    y_ptr,  # (M, N) out, row stride y_row
+    M, N,  # rows, row length
+    g_row, u_row, y_row,  # row strides in elements
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    row = rows.to(tl.int64)[:, None]  # row * stride can pass 2^31
+    cols = cols[None, :]
+    g = tl.load(g_ptr + row * g_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
+    s, _ = _sigmoid_pair(g)
+    tl.store(y_ptr + row * y_row + cols, (g * s * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd_kernel(
+    dy_ptr,  # (M, N) gradient of y, row stride dy_row
+    g_ptr,  # (M, N) gate, row stride g_row
+    u_ptr,  # (M, N) up, row stride u_row
+    dg_ptr,  # (M, N) out: gradient of gate, row stride dg_row
+    du_ptr,  # (M, N) out: gradient of up, row stride du_row
+    M, N,  # rows, row length
+    dy_row, g_row, u_row, dg_row, du_row,  # row strides in elements
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    row = rows.to(tl.int64)[:, None]
+    cols = cols[None, :]
+    dy = tl.load(dy_ptr + row * dy_row + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * g_row + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
+    s, one_minus_s = _sigmoid_pair(g)
+    # dup = dy silu(g) ; dgate = dy up s (1 + g (1 - s))
+    tl.store(du_ptr + row * du_row + cols, (dy * g * s).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + row * dg_row + cols, (dy * u * s * (1.0 + g * one_minus_s)).to(dg_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _rows(t, n):
+    """2-D (rows, n) view of `t` with a contiguous last dim; copies only when no such view exists."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 or t2.numel() == 0 else t2.contiguous()
+
+
+def _check(gate, up):
+    if gate.shape != up.shape or gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"gate and up must match in shape, dtype and device, got {tuple(gate.shape)} "
+                         f"{gate.dtype} {gate.device} and {tuple(up.shape)} {up.dtype} {up.device}")
+    if not gate.dtype.is_floating_point or gate.dim() == 0:
+        raise ValueError(f"gate must be a floating tensor with at least one dim, got {gate.dtype} {tuple(gate.shape)}")
+
+
+def _launch(m, n, block=None, num_warps=None):
+    """grid and tile for (m, n) rows: `block` elements per program (short rows share a program); the arguments
+    override BLOCK and NUM_WARPS (tools/bench_kernels.py --sweep)."""
+    block = block or BLOCK
+    block_n = min(triton.next_power_of_2(n), block)
+    block_m = block // block_n
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    return grid, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
+
+
+def swiglu_fwd(gate, up, block=None, num_warps=None):
+    n = gate.shape[-1]
+    g2, u2 = _rows(gate, n), _rows(up, n)
+    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    y2 = y.view(-1, n)
+    if y.numel():
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps)
+        _swiglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0), **cfg)
+    return y
+
+
+def swiglu_bwd(dy, gate, up, block=None, num_warps=None):
+    n = gate.shape[-1]
+    dy2, g2, u2 = _rows(dy, n), _rows(gate, n), _rows(up, n)
+    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
+    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    dg2, du2 = dg.view(-1, n), du.view(-1, n)
+    if dg.numel():
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps)
+        _swiglu_bwd_kernel[grid](
+            dy2, g2, u2, dg2, du2, g2.shape[0], n,
+            dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), **cfg)
+    return dg, du
+
+
+class SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return swiglu_fwd(gate, up)
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        return swiglu_bwd(dy, gate, up)
+
 
 def swiglu_ref(gate, up):
-    return (F.silu(gate.float()) * up.float()).to(gate.dtype)
+    # "fp32" is promote(dtype, fp32): the same for low-precision inputs, true fp64 for the test oracle
+    f = torch.promote_types(gate.dtype, torch.float32)
+    return (F.silu(gate.to(f)) * up.to(f)).to(gate.dtype)
 
 
 def swiglu(gate, up, backend=None):
     if pick_backend(backend, gate) == "ref":
         return swiglu_ref(gate, up)
-    raise NotImplementedError("Triton swiglu: issue 3")
+    _check(gate, up)
+    return SwiGLUFunction.apply(gate, up)

@@ -1,0 +1,89 @@
+"""swiglu: the Triton kernels (interpreter on CPU) vs swiglu_ref evaluated in fp64, with the tolerance derived
+from the ref run in the kernel's own dtype (tests/tolerance.py)."""
+import pytest
+import torch
+
+from hare.kernels.swiglu import SwiGLUFunction, swiglu, swiglu_ref
+from tests.tolerance import assert_close_to_ref
+
+pytestmark = [
+    # the interpreter runs exp in numpy: exp(-g) overflowing to inf for g << 0 is intended (sigmoid -> 0)
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# CPU: the Triton interpreter (tests/conftest.py); on a GPU machine the same tests run the compiled kernels
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _gate_up(shape, dtype, gen):
+    gate = torch.randn(shape, generator=gen) * 3
+    gate.view(-1)[:6] = torch.tensor([-100.0, -20.0, -1e-3, 0.0, 20.0, 60.0])  # saturation and zero
+    return gate.to(dtype), torch.randn(shape, generator=gen).to(dtype)
+
+
+def _compare(gate, up, dy, view=None):
+    """y, dgate, dup of the kernel vs swiglu_ref in fp64; control: swiglu_ref in the inputs' dtype.
+    `view(gate, up) -> (gate, up)` is applied to the leaves inside the graph (e.g. halves of a fused tensor)."""
+    view = view or (lambda g, u: (g, u))
+
+    def run(fn, gate, up, dy):
+        gate = gate.detach().to(DEVICE, copy=True).requires_grad_()
+        up, dy = up.detach().to(DEVICE, copy=True).requires_grad_(), dy.to(DEVICE)
+        y = fn(*view(gate, up))
+        return [y, *torch.autograd.grad(y, [gate, up], dy)]
+
+    got = run(lambda g, u: swiglu(g, u, backend="triton"), gate, up, dy)
+    want = run(swiglu_ref, gate.double(), up.double(), dy.double())
+    control = run(swiglu_ref, gate, up, dy)
+    for name, g, w, c in zip(["y", "dgate", "dup"], got, want, control):
+        assert g.dtype == c.dtype, f"{name}: dtype {g.dtype} != ref's {c.dtype}"
+        assert_close_to_ref(g, w, c, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_swiglu(dtype):
+    gen = torch.Generator().manual_seed(0)
+    gate, up = _gate_up((5, 123, 123), dtype, gen)  # 123 columns: a masked tail in every row
+    _compare(gate, up, torch.randn(gate.shape, generator=gen).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_swiglu_halves_of_fused_gate_up(dtype):
+    # gate and up as the two halves of one (tokens, 2 * I) projection output: strided rows (2 * I), I > BLOCK
+    gen = torch.Generator().manual_seed(1)
+    gate, up = _gate_up((3, 7, 1100), dtype, gen)
+
+    def halves(g, u):
+        fused = torch.cat([g, u], dim=-1)
+        return fused[..., :1100], fused[..., 1100:]
+
+    assert not halves(gate, up)[0].is_contiguous()
+    _compare(gate, up, torch.randn(gate.shape, generator=gen).to(dtype), view=halves)
+
+
+def test_swiglu_single_token_1d():
+    gen = torch.Generator().manual_seed(2)
+    gate, up = _gate_up((37,), torch.bfloat16, gen)
+    _compare(gate, up, torch.randn(37, generator=gen).to(torch.bfloat16))
+
+
+def test_backend_dispatch():
+    g, u = torch.randn(3, 10, requires_grad=True), torch.randn(3, 10)
+    y = swiglu(g, u)  # CPU, backend=None: the ref path, bit for bit
+    assert torch.equal(y, swiglu_ref(g, u))
+    assert "SwiGLUFunction" not in type(y.grad_fn).__name__
+    gd, ud = g.to(DEVICE), u.to(DEVICE)
+    assert type(swiglu(gd, ud, backend="triton").grad_fn).__name__ == SwiGLUFunction.__name__ + "Backward"
+    if DEVICE == "cuda":  # backend=None on CUDA tensors: the kernel
+        assert type(swiglu(gd, ud).grad_fn).__name__ == SwiGLUFunction.__name__ + "Backward"
+    with pytest.raises(ValueError, match="backend"):
+        swiglu(g, u, backend="cpu")
+
+
+def test_preconditions():
+    g = torch.randn(3, 10)
+    with pytest.raises(ValueError, match="gate and up"):
+        swiglu(g, torch.randn(3, 11), backend="triton")
+    with pytest.raises(ValueError, match="gate and up"):
+        swiglu(g, torch.randn(3, 10, dtype=torch.float64), backend="triton")
