@@ -1,0 +1,46 @@
+"""Fused 4-bit GEMV (interpreter on CPU) vs gemv_nf4_ref in fp64, tolerance from the ref in the input dtype.
+
+The oracle dequantizes the weight to the input dtype (the kernel's definition: the 16-bit model's weight) and
+sums in fp64; the control is the same reference summing in fp32 and rounding to the input dtype."""
+import math
+
+import pytest
+import torch
+
+from hare.quant import gemv_nf4, gemv_nf4_ref, quantize_nf4
+from tests.quant.bnb_oracle import DEVICE
+from tests.tolerance import assert_close_to_ref
+
+# triton 3.6's interpreter itself warns when a loop bound is a kernel argument (its scalars are 1-element arrays)
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+# aligned: K a multiple of the blocksize (every real model; K=1088 takes 3 steps of 512 bytes, the last ragged);
+# general: K not a multiple (K=70), or odd (K=33: rows share bytes)
+CASES = [((37, 128), 64), ((20, 1088), 64), ((9, 256), 128), ((13, 70), 64), ((5, 33), 64), ((3, 4096), 4096)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape,blocksize", CASES, ids=str)
+def test_gemv_matches_ref(shape, blocksize, double_quant, dtype):
+    gen = torch.Generator().manual_seed(0)
+    n, k = shape
+    w = quantize_nf4((torch.randn(shape, generator=gen) * 0.05).to(DEVICE), blocksize, double_quant)
+    x = torch.randn(1, 1, k, generator=gen).to(dtype).to(DEVICE)
+    y = gemv_nf4(x, w, backend="triton")
+    assert y.shape == (1, 1, n) and y.dtype == dtype
+    # the kernel sums K fp32 products in its own order (per-tile partial sums, then a tree), whose rounding
+    # bound grows as log2(K) ulps of the result; cuBLAS (the GPU control) can sum more exactly than that, which
+    # once failed the default 4-ulp floor at K=4096 in fp32 (err 7 ulps). The floor follows the bound.
+    ulps = max(4, math.ceil(math.log2(k)))
+    assert_close_to_ref(y, gemv_nf4_ref(x.double(), w, weight_dtype=dtype), gemv_nf4_ref(x, w), "y", ulps=ulps)
+
+
+def test_gemv_preconditions():
+    w = quantize_nf4(torch.randn(8, 64, device=DEVICE))
+    with pytest.raises(ValueError, match="one row"):
+        gemv_nf4(torch.randn(2, 64, device=DEVICE), w)
+    with pytest.raises(ValueError, match="in_features=64"):
+        gemv_nf4(torch.randn(1, 32, device=DEVICE), w)
+    with pytest.raises(ValueError, match="2-D"):
+        gemv_nf4(torch.randn(64, device=DEVICE), quantize_nf4(torch.randn(2, 4, 64, device=DEVICE)))
