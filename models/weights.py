@@ -93,23 +93,58 @@ def resolve_dtype(dtype, cfg):
     return dtype
 
 
-def load_model(path_or_id, dtype=None, device=None, revision=None) -> CausalLM:
+def load_model(path_or_id, dtype=None, device=None, revision=None, load_in_4bit=False) -> CausalLM:
     """Load a Hugging Face checkpoint (local directory or hub id) into hare's decoder.
 
     dtype: torch dtype or name; None = the checkpoint's torch_dtype (float32 when it names none).
-    device: where the weights go (default: CPU). Base weights are frozen (requires_grad=False)."""
+    device: where the weights go (default: CPU). Base weights are frozen (requires_grad=False).
+    load_in_4bit: quantize every linear layer of the decoder blocks to NF4 (QLoRA's format, double quantization,
+    blocks of 64) while the shards stream in; embeddings, norms and lm_head stay in `dtype`. A pre-quantized
+    bitsandbytes 4-bit checkpoint (config.json `quantization_config`) loads in 4-bit whatever this flag says."""
     directory = resolve_checkpoint(path_or_id, revision)
     cfg = load_config(directory)
     dtype = resolve_dtype(dtype, cfg)
     device = torch.device(device or "cpu")
+    prequantized = bnb_quantization(cfg.hf, os.path.join(directory, "config.json"))
     with torch.device("meta"):
         model = CausalLM(cfg)
-    fill(model, directory, dtype, device)
+    fill(model, directory, dtype, device, quantize=load_in_4bit or prequantized)
     return model
 
 
-def fill(model: nn.Module, directory: str, dtype, device):
-    """Fill every parameter of a meta-device model from the checkpoint's shards; strict accounting."""
+# The bitsandbytes 4-bit tensor suffixes that travel with `P.weight` (transformers' save format).
+BNB_SUFFIXES = (".absmax", ".quant_map", ".nested_absmax", ".nested_quant_map", ".quant_state.bitsandbytes__nf4")
+
+
+def bnb_quantization(hf: dict, where: str) -> bool:
+    """True for a bitsandbytes NF4 checkpoint, False for a plain one; refuses every other quantization, so that
+    packed bytes are never misread (FP4 codes look exactly like NF4 codes)."""
+    q = hf.get("quantization_config")
+    if not q:
+        return False
+    method = q.get("quant_method")
+    if method != "bitsandbytes":
+        raise CheckpointError(f"{where}: quantization_config.quant_method {method!r} is not supported "
+                              f"(hare reads bitsandbytes NF4 4-bit checkpoints)")
+    if q.get("load_in_8bit") or not q.get("load_in_4bit"):
+        raise CheckpointError(f"{where}: bitsandbytes 8-bit checkpoints are not supported (only 4-bit NF4)")
+    kind = q.get("bnb_4bit_quant_type", "fp4")  # bitsandbytes' default is fp4
+    if kind != "nf4":
+        raise CheckpointError(f"{where}: quantization_config.bnb_4bit_quant_type {kind!r} is not supported "
+                              f"(only 'nf4'); refusing rather than misreading the packed weights")
+    return True
+
+
+def quantized_linears(model) -> set:
+    """Names of the weights that 4-bit loading quantizes: every linear layer inside the decoder blocks."""
+    return {f"{name}.weight" for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.startswith("model.layers.")}
+
+
+def fill(model: nn.Module, directory: str, dtype, device, quantize=False):
+    """Fill every parameter of a meta-device model from the checkpoint's shards; strict accounting.
+    quantize: 16-bit weights of the decoder's linear layers become NF4 as they arrive (one 16-bit tensor on the
+    device at a time), and bitsandbytes 4-bit tensors (pre-quantized checkpoints) load as they are."""
     cfg = model.config
     family = family_for(cfg.model_type)
     ignored = [re.compile(p) for p in family.IGNORED_KEYS]
@@ -117,7 +152,16 @@ def fill(model: nn.Module, directory: str, dtype, device):
         ignored.append(re.compile(r"^lm_head\.weight$"))
     renames = [(re.compile(p), r) for p, r in family.RENAMES]
     targets = dict(model.named_parameters())
+    to_quantize = quantized_linears(model) if quantize else set()
+    bnb = {}  # "P.weight" -> {checkpoint key: tensor}: a pre-quantized weight, gathered across shards
     filled, seen, unexpected, misshaped, broken = set(), set(), [], [], []
+
+    def put(name, t):
+        if name in to_quantize:
+            _quantize_into(model, name, t.to(device=device, dtype=dtype))
+        else:
+            _set(model, name, t.to(device=device, dtype=dtype))
+
     for path in checkpoint_files(directory):
         try:
             f = safe_open(path, framework="pt", device="cpu")
@@ -129,10 +173,14 @@ def fill(model: nn.Module, directory: str, dtype, device):
                 if any(p.search(key) or p.search(name) for p in ignored):
                     continue
                 shown = key if name == key else f"{key} (as {name})"
+                owner = _bnb_owner(name, to_quantize, f, key)
+                if owner is not None:  # one tensor of a bitsandbytes 4-bit weight
+                    bnb.setdefault(owner, {})[name] = f.get_tensor(key)
+                    continue
                 parts = split_parts(name, family.SPLITS)
                 if parts is not None:
                     _fill_split(model, f, key, parts, targets, filled, seen, unexpected, misshaped, broken,
-                                os.path.basename(path), dtype, device)
+                                os.path.basename(path), put)
                     continue
                 if name not in targets:
                     unexpected.append(f"{shown} ({os.path.basename(path)})")
@@ -152,8 +200,10 @@ def fill(model: nn.Module, directory: str, dtype, device):
                     broken.append(f"{shown} in {path}: {type(e).__name__}: {e}")
                     seen.add(name)
                     continue
-                _set(model, name, t.to(device=device, dtype=dtype))
+                put(name, t)
                 filled.add(name)
+    for name, tensors in bnb.items():
+        _load_bnb(model, name, tensors, targets, device, filled, seen, misshaped, broken)
     missing = sorted(set(targets) - filled - seen)
     if missing or unexpected or misshaped or broken:
         parts = [f"{directory}: checkpoint does not match the {cfg.model_type} model built from config.json"]
@@ -162,6 +212,53 @@ def fill(model: nn.Module, directory: str, dtype, device):
             if items:
                 parts.append(f"  {title} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(parts))
+
+
+def _bnb_owner(name, to_quantize, f, key):
+    """The quantized weight ("P.weight") that checkpoint tensor `name` belongs to when it is part of a
+    bitsandbytes 4-bit weight (the uint8 `P.weight` itself or one of its statistics), else None."""
+    if not to_quantize:
+        return None
+    for suffix in BNB_SUFFIXES:
+        if name.endswith(".weight" + suffix) and name[:-len(suffix)] in to_quantize:
+            return name[:-len(suffix)]
+    if name in to_quantize and f.get_slice(key).get_dtype() == "U8":
+        return name
+    return None
+
+
+def _load_bnb(model, name, tensors, targets, device, filled, seen, misshaped, broken):
+    from ..quant import NF4Weight, QuantFormatError
+
+    prefix = name[:-len("weight")]
+    try:
+        w = NF4Weight.from_bnb(tensors, prefix)
+    except (QuantFormatError, KeyError, ValueError) as e:
+        broken.append(f"{name} (bitsandbytes 4-bit): {e}")
+        seen.add(name)
+        return
+    if tuple(w.shape) != tuple(targets[name].shape):
+        misshaped.append(f"{name}: 4-bit weight of shape {tuple(w.shape)} vs model {tuple(targets[name].shape)}")
+        seen.add(name)
+        return
+    _replace_with_4bit(model, name, w.to(device))
+    filled.add(name)
+
+
+def _quantize_into(model, name, w):
+    from ..quant import quantize_nf4
+
+    _replace_with_4bit(model, name, quantize_nf4(w))
+
+
+def _replace_with_4bit(model, name, weight):
+    """Swap the nn.Linear owning `name` for a Linear4bit at the same path (its bias, loaded or not yet, kept)."""
+    from ..quant import Linear4bit
+
+    path = name[:-len(".weight")]
+    parent_path, _, child = path.rpartition(".")
+    old = model.get_submodule(path)
+    setattr(model.get_submodule(parent_path), child, Linear4bit(weight, old.bias))
 
 
 def renamed(key: str, renames) -> str:
@@ -183,7 +280,7 @@ def split_parts(key: str, splits: dict):
     return None
 
 
-def _fill_split(model, f, key, names, targets, filled, seen, unexpected, misshaped, broken, fname, dtype, device):
+def _fill_split(model, f, key, names, targets, filled, seen, unexpected, misshaped, broken, fname, put):
     """Load one fused tensor into its parts, split along dim 0 by the parts' row counts (from the model)."""
     absent = [n for n in names if n not in targets]
     if absent:
@@ -208,8 +305,8 @@ def _fill_split(model, f, key, names, targets, filled, seen, unexpected, misshap
         seen.update(names)
         return
     for name, piece in zip(names, t.split(rows, dim=0)):
-        # copy=True: each part owns its storage (parts sharing one buffer could not be saved or freed alone)
-        _set(model, name, piece.to(device=device, dtype=dtype, copy=True))
+        # clone: each part owns its storage (parts sharing one buffer could not be saved or freed alone)
+        put(name, piece.clone())
         filled.add(name)
 
 
@@ -255,10 +352,23 @@ def save_model(model: CausalLM, out_dir: str, dtype=None, max_shard_bytes: int =
             continue
         tensors[name] = (p.detach() if dtype is None else p.detach().to(dtype)).contiguous().cpu()
     tensors = fuse_splits(tensors, family_for(cfg.model_type).SPLITS)
-    out_dtype = next(iter(tensors.values())).dtype
+    out_dtype = model.model.embed_tokens.weight.dtype if dtype is None else dtype
     hf = dict(cfg.hf)
     hf["torch_dtype"] = str(out_dtype).replace("torch.", "")
     hf.pop("dtype", None)
+    hf.pop("quantization_config", None)
+    from ..quant import Linear4bit
+
+    four_bit = [(n, m) for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    for name, m in four_bit:  # bitsandbytes' layout, as transformers saves a 4-bit model
+        tensors.update({k: v.contiguous().cpu() for k, v in m.weight.to_bnb(name + ".").items()})
+    if four_bit:
+        hf["quantization_config"] = {
+            "quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+            "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": four_bit[0][1].weight.double_quant,
+            "bnb_4bit_compute_dtype": str(out_dtype).replace("torch.", ""), "bnb_4bit_quant_storage": "uint8",
+            "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+            "llm_int8_enable_fp32_cpu_offload": False}
     shards, current, size = [], {}, 0
     for name, t in tensors.items():
         n = t.numel() * t.element_size()
