@@ -3,9 +3,10 @@
 `convert_gguf(path, out_dir)` reads a llama.cpp GGUF file and writes what `hare.load_model` and
 `hare.load_tokenizer` (and transformers) read:
 
-    config.json               LlamaForCausalLM config from the GGUF metadata (table ARCHITECTURES below)
+    config.json               the family's HF config from the GGUF metadata (table ARCHITECTURES below)
     model.safetensors         every tensor dequantized (gguf.quants.dequantize) to float32 / bfloat16 / float16,
-                              renamed to HF module paths, q/k rows un-permuted; sharded with an index when large
+                              renamed to HF module paths, with llama.cpp's export transforms undone (Llama's q/k
+                              row permutation, Gemma's `1 + w` norms); sharded with an index when large
     tokenizer.json            byte-level BPE with the file's merges ("gpt2" vocabularies) or sentencepiece-style
                               BPE with byte fallback, merges derived from the scores ("llama" vocabularies)
     tokenizer_config.json     special tokens, add_bos_token / add_eos_token, the chat template
@@ -15,9 +16,11 @@ The file's layout, as the `gguf` package reads it (gguf-py, GGUFReader): metadat
 whose `shape` is ggml's `ne` order (fastest-varying dimension first, i.e. PyTorch's shape reversed), then the
 data; `dequantize` returns a numpy array already in PyTorch order ([out_features, in_features] for a Linear).
 
-Adding a family is a table entry: its config keys, tensor names and which tensors llama.cpp rewrote on export
-(q/k row permutation, Gemma's `1 + w` norms). Only "llama" is registered today (it also covers Mistral-7B-style
-GGUFs, which llama.cpp writes as architecture "llama").
+Architectures (what llama.cpp's convert_hf_to_gguf.py writes for each HF class): llama (Llama, and Mistral 7B,
+which llama.cpp writes as "llama" without its window), qwen2, qwen3, gemma, gemma2, gemma3 (text), phi3 (Phi-3,
+Phi-3.5, Phi-4, Phi-4-mini). Adding one is a table entry: its config keys with llama.cpp's defaults, tensor names,
+and which tensors llama.cpp rewrote on export. What the file does not store is reconstructed the way llama.cpp's
+runtime (src/llama-model.cpp) reconstructs it: Gemma 2/3's sliding-layer pattern and attention scale.
 
 The `gguf` package is an optional extra (`pip install 'hare[gguf]'`), imported only inside these functions.
 """
@@ -31,6 +34,7 @@ import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -51,54 +55,186 @@ SPIECE_UNDERLINE = "\u2581"
 
 @dataclass(frozen=True)
 class Architecture:
-    """How one GGUF `general.architecture` maps onto a Hugging Face checkpoint."""
+    """How one GGUF `general.architecture` maps onto a Hugging Face checkpoint: data only, read in one place each
+    (_build_config, _plan_tensors, _write_weights). Every rule below mirrors what llama.cpp's convert_hf_to_gguf.py
+    did on export (the class named in each entry's comment), undone."""
     model_type: str                    # config.json "model_type"
     hf_class: str                      # config.json "architectures"
     # (GGUF key without the "{arch}." prefix, config.json field, required). Optional keys that are absent are
     # left out (HF's defaults apply) unless `defaults` has them.
     config_keys: tuple
-    defaults: dict                     # config.json fields written when their GGUF key is absent
+    defaults: dict                     # config.json fields written when their GGUF key is absent: llama.cpp's own
     fixed: dict                        # config.json fields that are constant for the family
     tensors: dict                      # top-level GGUF tensor name (no ".weight") -> HF name
     block_tensors: dict                # "blk.N.<name>" -> "model.layers.N.<HF name>"
-    required_block_tensors: tuple      # the block tensors every layer must have (".weight")
+    required_block_tensors: tuple      # "<name>.weight" / "<name>.bias" every layer must have
+    optional_block_tensors: tuple = ()  # the others a layer may have (biases behind a config flag); any else is refused
     # GGUF tensor -> the config field holding the head count its rows were permuted with
     # (llama.cpp convert_hf_to_gguf.py, LlamaModel.modify_tensors: q with n_head, k with n_head_kv).
     permuted: dict = field(default_factory=dict)
+    # llama.cpp stored `w + norm_shift` for these tensors (base names, block or top-level): Gemma's RMSNorm scales
+    # by (1 + w) and ggml's by w, so Gemma*Model.modify_tensors adds 1 to every "*norm.weight"; we subtract it.
+    norm_shift: float = 0.0
+    shifted: tuple = ()
+    # Where head_dim is read, first found wins; else hidden / heads. llama.cpp's Llama writes rope.dimension_count
+    # = head_dim (and key_length only when config.json names head_dim); Phi-3's rope.dimension_count is the rotary
+    # part only, so it must not count as head_dim there.
+    head_dim_keys: tuple = ("attention.key_length",)
+    # (config.json field, GGUF tensor whose presence sets it true, else false)
+    bias_fields: tuple = ()
+    # llama.cpp hard-codes which layers slide (src/llama-model.cpp, hparams.set_swa_pattern(p)): layer i slides iff
+    # i % p < p - 1, and writes only the window. None: every layer slides when there is a window (Phi-3), or the
+    # window is not written at all (Llama/Mistral, Qwen2: llama.cpp drops it).
+    swa_pattern: Optional[int] = None
+    # Gemma 2/3 attention scale, not stored in the file: llama.cpp (src/llama-model.cpp, after gemma_pytorch's
+    # config.py) uses 1/sqrt(hidden / heads) for the 27B models, recognized by these block counts, and
+    # 1/sqrt(head_dim) otherwise; written as query_pre_attn_scalar. None: the family has no such field.
+    query_scalar_27b_layers: Optional[tuple] = None
     # Tensors llama.cpp adds that are not weights: consumed while building the config.
     consumed: tuple = ()
 
 
-_LLAMA_BLOCK = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
-}
+# Keys TextModel.set_gguf_parameters (convert_hf_to_gguf.py) writes for every text model.
+_COMMON_KEYS = (
+    ("embedding_length", "hidden_size", True),
+    ("block_count", "num_hidden_layers", True),
+    ("feed_forward_length", "intermediate_size", True),
+    ("attention.head_count", "num_attention_heads", True),
+    ("attention.head_count_kv", "num_key_value_heads", False),
+    ("context_length", "max_position_embeddings", True),
+    ("attention.layer_norm_rms_epsilon", "rms_norm_eps", True),
+    ("rope.freq_base", "rope_theta", False),
+)
+_TOP = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+_ATTN = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+         "attn_output": "self_attn.o_proj"}
+_MLP = {"ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj"}
+_LLAMA_BLOCK = {**_ATTN, **_MLP, "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+_QK_NORM = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 2/3: llama.cpp's ffn_norm is the norm *before* the MLP; the one after attention has its own name
+# (gguf-py tensor_mapping.py: ATTN_POST_NORM, FFN_PRE_NORM, FFN_POST_NORM).
+_SANDWICH_BLOCK = {**_ATTN, **_MLP, "attn_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+                   "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_GEMMA_NORMS = ("output_norm", "attn_norm", "ffn_norm", "post_attention_norm", "post_ffw_norm", "attn_q_norm",
+                "attn_k_norm")
+
+
+def _weights(block: dict) -> tuple:
+    return tuple(f"{n}.weight" for n in block)
+
+
+def _biases(*names) -> tuple:
+    return tuple(f"{n}.bias" for n in names)
+
 
 ARCHITECTURES = {
+    # LlamaModel (registered for LlamaForCausalLM and MistralForCausalLM: llama.cpp writes Mistral 7B as "llama" and
+    # drops its sliding window; MistralModel writes "mistral3" only for configs with llama_4_scaling, not read here).
     "llama": Architecture(
         model_type="llama",
         hf_class="LlamaForCausalLM",
-        config_keys=(
-            ("embedding_length", "hidden_size", True),
-            ("block_count", "num_hidden_layers", True),
-            ("feed_forward_length", "intermediate_size", True),
-            ("attention.head_count", "num_attention_heads", True),
-            ("attention.head_count_kv", "num_key_value_heads", False),
-            ("context_length", "max_position_embeddings", True),
-            ("attention.layer_norm_rms_epsilon", "rms_norm_eps", True),
-            ("rope.freq_base", "rope_theta", False),
-            ("vocab_size", "vocab_size", False),
-        ),
+        config_keys=_COMMON_KEYS + (("vocab_size", "vocab_size", False),),
         # llama.cpp's own defaults when a key is absent (src/llama-model.cpp): rope base 10000.
         defaults={"rope_theta": 10000.0},
         fixed={"hidden_act": "silu"},
-        tensors={"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"},
+        tensors=_TOP,
         block_tensors=_LLAMA_BLOCK,
-        required_block_tensors=tuple(f"{n}.weight" for n in _LLAMA_BLOCK),
+        required_block_tensors=_weights(_LLAMA_BLOCK),
+        optional_block_tensors=_biases(*_ATTN, *_MLP),
         permuted={"attn_q": "num_attention_heads", "attn_k": "num_key_value_heads"},
+        head_dim_keys=("attention.key_length", "rope.dimension_count"),
+        bias_fields=(("attention_bias", "blk.0.attn_q.bias"), ("mlp_bias", "blk.0.ffn_up.bias")),
         consumed=("rope_freqs.weight",),
+    ),
+    # Qwen2Model: TextModel's keys, names as Llama, no q/k permutation (ggml's NEOX rope is HF's rotate-half), q/k/v
+    # biases always there. Qwen2's sliding window is not written.
+    "qwen2": Architecture(
+        model_type="qwen2",
+        hf_class="Qwen2ForCausalLM",
+        config_keys=_COMMON_KEYS,
+        defaults={"rope_theta": 10000.0},
+        fixed={"hidden_act": "silu"},
+        tensors=_TOP,
+        block_tensors=_LLAMA_BLOCK,
+        required_block_tensors=_weights(_LLAMA_BLOCK) + _biases("attn_q", "attn_k", "attn_v"),
+    ),
+    # Qwen3Model(Qwen2Model): plus per-head q/k RMSNorm (plain w, no shift) and head_dim as key_length; biases on
+    # all four projections when attention_bias.
+    "qwen3": Architecture(
+        model_type="qwen3",
+        hf_class="Qwen3ForCausalLM",
+        config_keys=_COMMON_KEYS,
+        defaults={"rope_theta": 10000.0},
+        fixed={"hidden_act": "silu"},
+        tensors=_TOP,
+        block_tensors={**_LLAMA_BLOCK, **_QK_NORM},
+        required_block_tensors=_weights({**_LLAMA_BLOCK, **_QK_NORM}),
+        optional_block_tensors=_biases(*_ATTN),
+        bias_fields=(("attention_bias", "blk.0.attn_q.bias"),),
+    ),
+    # GemmaModel: no rope base written (10000), lm_head skipped (tied), +1 on every norm.
+    "gemma": Architecture(
+        model_type="gemma",
+        hf_class="GemmaForCausalLM",
+        config_keys=_COMMON_KEYS,
+        defaults={"rope_theta": 10000.0},
+        fixed={"hidden_act": "gelu_pytorch_tanh"},
+        tensors={k: v for k, v in _TOP.items() if k != "output"},
+        block_tensors=_LLAMA_BLOCK,
+        required_block_tensors=_weights(_LLAMA_BLOCK),
+        norm_shift=1.0, shifted=_GEMMA_NORMS,
+    ),
+    # Gemma2Model: softcaps and the window written (llama.cpp defaults 50 / 30 / 4096 when absent,
+    # src/llama-hparams.h and llama-model.cpp), alternating windows from layer 0 (set_swa_pattern(2)), four norms.
+    "gemma2": Architecture(
+        model_type="gemma2",
+        hf_class="Gemma2ForCausalLM",
+        config_keys=_COMMON_KEYS + (("attn_logit_softcapping", "attn_logit_softcapping", False),
+                                    ("final_logit_softcapping", "final_logit_softcapping", False),
+                                    ("attention.sliding_window", "sliding_window", False)),
+        defaults={"rope_theta": 10000.0, "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                  "sliding_window": 4096},
+        fixed={"hidden_activation": "gelu_pytorch_tanh"},
+        tensors={k: v for k, v in _TOP.items() if k != "output"},
+        block_tensors=_SANDWICH_BLOCK,
+        required_block_tensors=_weights(_SANDWICH_BLOCK),
+        norm_shift=1.0, shifted=_GEMMA_NORMS,
+        swa_pattern=2, query_scalar_27b_layers=(46,),
+    ),
+    # Gemma3Model (text): TextModel's keys (global rope base, its linear scaling, freq_base_swa for local layers:
+    # llama.cpp uses 10000 there), five sliding layers then one global (set_swa_pattern(6)), q/k norms, +1 on all
+    # norms. The multimodal checkpoints' vision tower goes to a separate mmproj file.
+    "gemma3": Architecture(
+        model_type="gemma3_text",
+        hf_class="Gemma3ForCausalLM",
+        config_keys=_COMMON_KEYS + (("final_logit_softcapping", "final_logit_softcapping", False),
+                                    ("attention.sliding_window", "sliding_window", True),
+                                    ("rope.freq_base_swa", "rope_local_base_freq", False)),
+        defaults={"rope_theta": 10000.0, "rope_local_base_freq": 10000.0},
+        fixed={"hidden_activation": "gelu_pytorch_tanh"},
+        tensors=_TOP,
+        block_tensors={**_SANDWICH_BLOCK, **_QK_NORM},
+        required_block_tensors=_weights({**_SANDWICH_BLOCK, **_QK_NORM}),
+        norm_shift=1.0, shifted=_GEMMA_NORMS,
+        swa_pattern=6, query_scalar_27b_layers=(62,),
+    ),
+    # Phi3MiniModel: q/k/v and gate/up stay fused (attn_qkv; ffn_up holds gate then up), rope.dimension_count is the
+    # rotary part (partial_rotary_factor), window 0 = none, LongRoPE as rope_factors_long / _short tensors plus
+    # rope.scaling.attn_factor and original_context_length.
+    "phi3": Architecture(
+        model_type="phi3",
+        hf_class="Phi3ForCausalLM",
+        config_keys=_COMMON_KEYS + (("rope.scaling.original_context_length", "original_max_position_embeddings", False),
+                                    ("attention.sliding_window", "sliding_window", False)),
+        defaults={"rope_theta": 10000.0},
+        fixed={"hidden_act": "silu"},
+        tensors=_TOP,
+        block_tensors={"attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+                       "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj",
+                       "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"},
+        required_block_tensors=("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight",
+                                "attn_norm.weight", "ffn_norm.weight"),
+        consumed=("rope_factors_long.weight", "rope_factors_short.weight"),
     ),
 }
 
@@ -181,16 +317,16 @@ def unpermute_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _hf_name(arch: Architecture, gguf_name: str):
-    """(HF name, block-local GGUF base name or None), or (None, None) when the name is not in the table."""
+    """(HF name, GGUF base name), or (None, None) when the table does not allow the name."""
     m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", gguf_name)
     if m:
         layer, base, kind = m.groups()
-        if base in arch.block_tensors:
+        if f"{base}.{kind}" in arch.required_block_tensors + arch.optional_block_tensors:
             return f"model.layers.{layer}.{arch.block_tensors[base]}.{kind}", base
         return None, None
-    m = re.fullmatch(r"(\w+)\.(weight|bias)", gguf_name)
+    m = re.fullmatch(r"(\w+)\.weight", gguf_name)
     if m and m.group(1) in arch.tensors:
-        return f"{arch.tensors[m.group(1)]}.{m.group(2)}", None
+        return f"{arch.tensors[m.group(1)]}.weight", m.group(1)
     return None, None
 
 
@@ -255,6 +391,68 @@ def _f32(value) -> float:
     return float(str(np.float32(value)))
 
 
+def _rope_scaling(path, key, metadata: dict, tensors: dict, config: dict) -> Optional[dict]:
+    """HF's rope_scaling from what llama.cpp kept of it: rope.scaling.* keys (linear, yarn: TextModel.
+    set_gguf_parameters), Llama 3.1's rope_freqs tensor, or LongRoPE's rope_factors_long / _short tensors
+    (Phi3MiniModel.generate_extra_tensors)."""
+    kind = metadata.get(key("rope.scaling.type"))
+    original = metadata.get(key("rope.scaling.original_context_length"))
+    longrope = [n in tensors for n in ("rope_factors_long.weight", "rope_factors_short.weight")]
+    found = [name for name, present in (("rope.scaling.type", kind not in (None, "none", "longrope")),
+                                        ("rope_freqs", "rope_freqs.weight" in tensors),
+                                        ("rope_factors", any(longrope))) if present]
+    if len(found) > 1:
+        raise UnsupportedModelError(f"{path}: more than one rope scaling in the file: {', '.join(found)}")
+    if kind in ("linear", "yarn"):
+        if key("rope.scaling.factor") not in metadata:
+            raise ConfigError(f"{path}: {kind} rope scaling without {key('rope.scaling.factor')}")
+        scaling = {"rope_type": kind, "factor": _f32(metadata[key("rope.scaling.factor")])}
+        if kind == "yarn":
+            if original:
+                scaling["original_max_position_embeddings"] = int(original)
+            # TextModel writes these only when config.json named them (HF's yarn fields of the same meaning).
+            for suffix, name in (("yarn_beta_fast", "beta_fast"), ("yarn_beta_slow", "beta_slow"),
+                                 ("yarn_attn_factor", "attention_factor")):
+                if key(f"rope.scaling.{suffix}") in metadata:
+                    scaling[name] = _f32(metadata[key(f"rope.scaling.{suffix}")])
+            odd = [k for k in ("rope.scaling.yarn_ext_factor", "rope.scaling.yarn_log_multiplier")
+                   if key(k) in metadata]
+            if odd:
+                raise UnsupportedModelError(f"{path}: yarn with {', '.join(key(k) for k in odd)} has no HF equivalent "
+                                            f"hare reads")
+        return scaling
+    if kind not in (None, "none", "longrope"):
+        raise UnsupportedModelError(f"{path}: rope scaling type {kind!r} is not supported")
+    if "rope_freqs.weight" in tensors:
+        freqs = _dequantize(tensors["rope_freqs.weight"], path)
+        return _rope_scaling_from_freqs(path, freqs, config["rope_theta"], config["head_dim"], original)
+    if any(longrope):
+        if not all(longrope):
+            raise CheckpointError(f"{path}: rope_factors_long.weight and rope_factors_short.weight come in pairs")
+        rotary = round(config["head_dim"] * config.get("partial_rotary_factor", 1.0))
+        scaling = {"rope_type": "longrope"}
+        for name in ("long", "short"):
+            values = _dequantize(tensors[f"rope_factors_{name}.weight"], path).flatten()
+            if values.numel() != rotary // 2:
+                raise CheckpointError(f"{path}: rope_factors_{name}.weight has {values.numel()} values, expected "
+                                      f"rotary dimension / 2 = {rotary // 2}")
+            # float32 in the file; HF casts the factors to float32 too (modeling_rope_utils), so this is exact.
+            scaling[f"{name}_factor"] = [_f32(v) for v in values.tolist()]
+        # llama.cpp stores the attention factor it computed (sqrt(1 + ln s / ln original), s = context / original;
+        # 0.1 ln s + 1 for a "yarn"-typed Phi-3); HF computes the first itself, so write it only when it differs.
+        stored = metadata.get(key("rope.scaling.attn_factor"))
+        if not original:
+            raise ConfigError(f"{path}: LongRoPE factors without {key('rope.scaling.original_context_length')}")
+        s = config["max_position_embeddings"] / original
+        default = math.sqrt(1 + math.log(s) / math.log(original)) if s > 1 else 1.0
+        if stored is not None and abs(stored - default) > 1e-6 * max(1.0, default):
+            scaling["attention_factor"] = _f32(stored)
+        return scaling
+    if kind == "longrope":
+        raise CheckpointError(f"{path}: longrope rope scaling without rope_factors_long / _short tensors")
+    return None
+
+
 def _build_config(path, arch_name, arch: Architecture, metadata: dict, tensors: dict, dtype_name: str) -> dict:
     def key(suffix):
         return f"{arch_name}.{suffix}"
@@ -263,7 +461,9 @@ def _build_config(path, arch_name, arch: Architecture, metadata: dict, tensors: 
     missing = []
     for suffix, hf_field, required in arch.config_keys:
         if key(suffix) in metadata:
-            config[hf_field] = metadata[key(suffix)]
+            value = metadata[key(suffix)]
+            # llama.cpp writes these floats as float32: the shortest decimal of that float32 is what config.json said.
+            config[hf_field] = _f32(value) if isinstance(value, float) else value
         elif hf_field in arch.defaults:
             config[hf_field] = arch.defaults[hf_field]
         elif required:
@@ -273,13 +473,18 @@ def _build_config(path, arch_name, arch: Architecture, metadata: dict, tensors: 
     if isinstance(config.get("num_key_value_heads"), list) or isinstance(config["num_attention_heads"], list):
         raise UnsupportedModelError(f"{path}: per-layer head counts are not supported")
     config.setdefault("num_key_value_heads", config["num_attention_heads"])
-    config["rms_norm_eps"] = _f32(config["rms_norm_eps"])
-    config["rope_theta"] = _f32(config["rope_theta"])
+    heads, kv_heads, hidden = config["num_attention_heads"], config["num_key_value_heads"], config["hidden_size"]
 
-    # head_dim: attention.key_length when written (models whose head_dim != hidden / heads), else the rope
-    # dimension (full rotary for these families), else hidden / heads. Checked against the q weight below.
-    head_dim = metadata.get(key("attention.key_length"), metadata.get(key("rope.dimension_count")))
-    config["head_dim"] = int(head_dim or config["hidden_size"] // config["num_attention_heads"])
+    head_dim = next((metadata[key(k)] for k in arch.head_dim_keys if key(k) in metadata), None)
+    config["head_dim"] = int(head_dim or hidden // heads)
+    # rope.dimension_count below head_dim: only part of each head rotates (Phi3MiniModel writes
+    # int(partial_rotary_factor * hidden) // heads).
+    rotary = metadata.get(key("rope.dimension_count"))
+    if rotary is not None and rotary != config["head_dim"]:
+        if not 0 < rotary < config["head_dim"] or rotary % 2:
+            raise CheckpointError(f"{path}: {key('rope.dimension_count')} {rotary} does not fit head_dim "
+                                  f"{config['head_dim']}")
+        config["partial_rotary_factor"] = rotary / config["head_dim"]
 
     embed = tensors.get("token_embd.weight")
     if embed is None:
@@ -289,30 +494,28 @@ def _build_config(path, arch_name, arch: Architecture, metadata: dict, tensors: 
     if config["vocab_size"] != rows:
         raise CheckpointError(f"{path}: {key('vocab_size')} is {config['vocab_size']} but token_embd.weight has "
                               f"{rows} rows")
-    q = tensors.get("blk.0.attn_q.weight")
-    if q is not None and int(q.shape[-1]) != config["num_attention_heads"] * config["head_dim"]:
-        raise CheckpointError(f"{path}: blk.0.attn_q.weight has {int(q.shape[-1])} rows, expected heads x head_dim = "
-                              f"{config['num_attention_heads']} x {config['head_dim']}")
+    for name, expected, what in (("blk.0.attn_q.weight", heads * config["head_dim"], "heads x head_dim"),
+                                 ("blk.0.attn_qkv.weight", (heads + 2 * kv_heads) * config["head_dim"],
+                                  "(heads + 2 kv heads) x head_dim")):
+        if name in tensors and int(tensors[name].shape[-1]) != expected:
+            raise CheckpointError(f"{path}: {name} has {int(tensors[name].shape[-1])} rows, expected {what} = "
+                                  f"{expected} (heads {heads}, kv heads {kv_heads}, head_dim {config['head_dim']})")
     config["tie_word_embeddings"] = "output.weight" not in tensors
-    config["attention_bias"] = "blk.0.attn_q.bias" in tensors
-    config["mlp_bias"] = "blk.0.ffn_up.bias" in tensors
+    for hf_field, tensor in arch.bias_fields:
+        config[hf_field] = tensor in tensors
 
-    rope_scaling = None
-    kind = metadata.get(key("rope.scaling.type"))
-    original = metadata.get(key("rope.scaling.original_context_length"))
-    if kind in ("linear", "yarn"):
-        if key("rope.scaling.factor") not in metadata:
-            raise ConfigError(f"{path}: {kind} rope scaling without {key('rope.scaling.factor')}")
-        rope_scaling = {"rope_type": kind, "factor": _f32(metadata[key("rope.scaling.factor")])}
-        if kind == "yarn" and original:
-            rope_scaling["original_max_position_embeddings"] = int(original)
-    elif kind not in (None, "none"):
-        raise UnsupportedModelError(f"{path}: rope scaling type {kind!r} is not supported")
-    if "rope_freqs.weight" in tensors:
-        if rope_scaling is not None:
-            raise UnsupportedModelError(f"{path}: both {kind!r} rope scaling and a rope_freqs tensor")
-        freqs = _dequantize(tensors["rope_freqs.weight"], path)
-        rope_scaling = _rope_scaling_from_freqs(path, freqs, config["rope_theta"], config["head_dim"], original)
+    # A window of 0 is llama.cpp's "none" (Phi3MiniModel writes 0 for Phi-4).
+    if config.get("sliding_window") == 0:
+        config["sliding_window"] = None
+    if arch.swa_pattern is not None and config.get("sliding_window"):
+        p = arch.swa_pattern
+        config["layer_types"] = ["sliding_attention" if i % p < p - 1 else "full_attention"
+                                 for i in range(config["num_hidden_layers"])]
+    if arch.query_scalar_27b_layers is not None:
+        wide = config["num_hidden_layers"] in arch.query_scalar_27b_layers
+        config["query_pre_attn_scalar"] = hidden // heads if wide else config["head_dim"]
+
+    rope_scaling = _rope_scaling(path, key, metadata, tensors, config)
     if rope_scaling is not None:
         config["rope_scaling"] = rope_scaling
     config["dtype"] = dtype_name
@@ -336,7 +539,8 @@ def _dequantize(t, path) -> torch.Tensor:
 
 
 def _plan_tensors(path, arch: Architecture, config: dict, tensors: dict) -> list:
-    """[(gguf name, hf name, head count to un-permute with or None)] in file order, with strict accounting."""
+    """[(gguf name, hf name, head count to un-permute with or None, norm shift to subtract)] in file order, with
+    strict accounting: every tensor is used or consumed, every required one is there."""
     plan, unknown = [], []
     for name, t in tensors.items():
         if name in arch.consumed:
@@ -349,13 +553,15 @@ def _plan_tensors(path, arch: Architecture, config: dict, tensors: dict) -> list
         rows = int(t.shape[-1])  # ne order: the last entry is PyTorch's first dimension
         if heads is not None and rows % (2 * heads):
             raise CheckpointError(f"{path}: {name} has {rows} rows, not a whole number of {heads} heads of even size")
-        plan.append((name, hf, heads))
+        plan.append((name, hf, heads, arch.norm_shift if base in arch.shifted else 0.0))
     if unknown:
-        raise CheckpointError(f"{path}: tensors with no Hugging Face name: {', '.join(sorted(unknown))}")
-    produced = {hf for _, hf, _ in plan}
+        raise CheckpointError(f"{path}: tensors with no Hugging Face name ({arch.model_type}): "
+                              f"{', '.join(sorted(unknown))}")
+    produced = {entry[1] for entry in plan}
     expected = {f"{arch.tensors['token_embd']}.weight", f"{arch.tensors['output_norm']}.weight"}
-    expected |= {f"model.layers.{i}.{arch.block_tensors[n.rsplit('.', 1)[0]]}.weight"
-                 for i in range(config["num_hidden_layers"]) for n in arch.required_block_tensors}
+    for n in arch.required_block_tensors:
+        base, kind = n.rsplit(".", 1)
+        expected |= {f"model.layers.{i}.{arch.block_tensors[base]}.{kind}" for i in range(config["num_hidden_layers"])}
     missing = sorted(expected - produced)
     extra_layers = sorted(h for h in produced if (m := re.match(r"model\.layers\.(\d+)\.", h))
                           and int(m.group(1)) >= config["num_hidden_layers"])
@@ -370,7 +576,7 @@ def _write_weights(path, tmp_dir, tensors, plan, dtype, max_shard_bytes) -> None
     from safetensors.torch import save_file
 
     itemsize = torch.finfo(dtype).bits // 8
-    sizes = [math.prod(int(n) for n in tensors[name].shape.tolist()) * itemsize for name, _, _ in plan]
+    sizes = [math.prod(int(n) for n in tensors[entry[0]].shape.tolist()) * itemsize for entry in plan]
     shards, current, current_bytes = [], [], 0
     for entry, size in zip(plan, sizes):
         if current and current_bytes + size > max_shard_bytes:
@@ -385,10 +591,15 @@ def _write_weights(path, tmp_dir, tensors, plan, dtype, max_shard_bytes) -> None
     weight_map = {}
     for file_name, shard in zip(names, shards):
         out = {}
-        for gguf_name, hf_name, heads in shard:
+        for gguf_name, hf_name, heads, shift in shard:
             w = _dequantize(tensors[gguf_name], path)
             if heads is not None:
                 w = unpermute_rows(w, heads)
+            if shift:
+                # float32, as llama.cpp added it. stored = fl32(w + 1); for stored in [0.5, 2] stored - 1 is exact
+                # (Sterbenz), so w comes back bit for bit whenever w + 1 was exact: always for a bf16 checkpoint's
+                # norm weights unless 0 < |w| < 2^-16.
+                w = w - shift
             out[hf_name] = w.to(dtype).contiguous()
             weight_map[hf_name] = file_name
         save_file(out, os.path.join(tmp_dir, file_name), metadata={"format": "pt"})

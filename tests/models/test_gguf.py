@@ -7,6 +7,7 @@
   transformers loading the same file.
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -377,6 +378,284 @@ def test_unknown_pre_tokenizer_is_refused(tmp_path, sp_vocab):
         convert_gguf(tmp_path / "p.gguf", tmp_path / "out")
 
 
+# --------------------------------------------------------------------------------------------- families
+# Tiny random models of every other family, written the way llama.cpp's convert_hf_to_gguf.py writes them: the
+# metadata keys of each converter class (llamacpp_metadata below, one branch per class), the tensor names of
+# gguf-py's own TensorNameMap (llama.cpp's table, not the converter's), and its transforms (+1 on Gemma norms,
+# Phi-3's fused q/k/v and gate/up kept, LongRoPE factors as tensors). All F32 except where a test quantizes.
+
+FAMILY_BASE = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5, pad_token_id=0,
+                   bos_token_id=1, eos_token_id=2)
+
+
+def _dyadic(n, seed, top):
+    """LongRoPE factors in 1 + k/8: exact in float32 (what the GGUF stores) and in short decimals, so the
+    converted config.json can name the very numbers the original did."""
+    g = torch.Generator().manual_seed(seed)
+    return (1 + torch.randint(0, 8 * top, (n,), generator=g) / 8).tolist()
+
+
+# name: (GGUF architecture, transformers class prefix, config overrides). Windows (6, 7) are shorter than the
+# 37-token sequences; Gemma 2's softcaps are small enough to bend these logits; longrope's original context (16)
+# is shorter than the sequences, so the long factors are in use.
+FAMILIES = {
+    "qwen2": ("qwen2", "Qwen2", dict(tie_word_embeddings=True)),
+    # head_dim 128 != hidden / heads, as in every released Qwen3 (and the only one transformers' GGUF reader knows)
+    "qwen3": ("qwen3", "Qwen3", dict(head_dim=128, tie_word_embeddings=True)),
+    "qwen3_bias": ("qwen3", "Qwen3", dict(head_dim=24, attention_bias=True)),
+    "gemma": ("gemma", "Gemma", dict(head_dim=24, num_key_value_heads=1)),
+    # query_pre_attn_scalar = head_dim: the file does not carry it, and below 27B llama.cpp scales by head_dim
+    "gemma2": ("gemma2", "Gemma2", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                        attn_logit_softcapping=1.0, final_logit_softcapping=1.5,
+                                        initializer_range=0.1)),
+    # 6 layers: llama.cpp's fixed pattern (and transformers' default) makes 0-4 sliding with the local rope (10k)
+    # and 5 global (1M, linear scaling 8)
+    "gemma3": ("gemma3", "Gemma3Text", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                            num_hidden_layers=6,
+                                            rope_parameters={"full_attention": dict(rope_type="linear", factor=8.0,
+                                                                                    rope_theta=1_000_000.0),
+                                                             "sliding_attention": dict(rope_type="default",
+                                                                                       rope_theta=10_000.0)})),
+    # the optional keys: a final softcap, and a local rope base other than 10000 in rope.freq_base_swa (what
+    # TextModel writes; the llama.cpp runtime read here hard-codes 10000 for Gemma 3's local layers, the
+    # released models' value)
+    "gemma3_keys": ("gemma3", "Gemma3Text", dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=6,
+                                                 num_hidden_layers=6, final_logit_softcapping=2.0,
+                                                 rope_parameters={"full_attention": dict(rope_type="default",
+                                                                                         rope_theta=500_000.0),
+                                                                  "sliding_attention": dict(rope_type="default",
+                                                                                            rope_theta=20_000.0)})),
+    # Phi-4-mini's shape (partial rotary, longrope, tied) with Phi-3-mini-4k's window on every layer
+    "phi3": ("phi3", "Phi3", dict(max_position_embeddings=64, original_max_position_embeddings=16,
+                                  partial_rotary_factor=0.5, tie_word_embeddings=True, sliding_window=7,
+                                  rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                       short_factor=_dyadic(4, 0, 1), long_factor=_dyadic(4, 1, 8)))),
+}
+GGUF_ARCH = {name: arch for arch, name in gguf.MODEL_ARCH_NAMES.items()}
+
+
+def tiny_family(name, vocab, seed=0, **over):
+    import transformers
+
+    arch, prefix, overrides = FAMILIES[name]
+    cfg = getattr(transformers, prefix + "Config")(vocab_size=vocab, **{**FAMILY_BASE, **overrides, **over})
+    torch.manual_seed(seed)
+    model = getattr(transformers, {"Gemma3Text": "Gemma3"}.get(prefix, prefix) + "ForCausalLM")(cfg).eval()
+    with torch.no_grad():  # random init leaves biases at 0 and norms at 1 (0 for Gemma): give them values
+        for n, p in model.named_parameters():
+            if n.endswith("bias") or "norm" in n:
+                p.add_(0.1 * torch.randn_like(p))
+                # bf16-representable, as a released checkpoint's: then llama.cpp's float32 w + 1 is exact and the
+                # round trip can be bit-exact (the converter's comment says when it is).
+                p.copy_(p.bfloat16().float())
+    return arch, model
+
+
+def llamacpp_metadata(w, arch, h):
+    """The keys each converter class of llama.cpp's convert_hf_to_gguf.py writes, from the config values `h`."""
+    rope = h["rope_parameters"]
+    full, local = rope.get("full_attention", rope), rope.get("sliding_attention")
+    if arch == "phi3":  # Phi3MiniModel.set_gguf_parameters (not TextModel's)
+        w.add_context_length(h["max_position_embeddings"])
+        w.add_rope_scaling_orig_ctx_len(h["original_max_position_embeddings"])
+        w.add_embedding_length(h["hidden_size"])
+        w.add_feed_forward_length(h["intermediate_size"])
+        w.add_block_count(h["num_hidden_layers"])
+        w.add_head_count(h["num_attention_heads"])
+        w.add_head_count_kv(h["num_key_value_heads"])
+        w.add_layer_norm_rms_eps(h["rms_norm_eps"])
+        rotary = int(h.get("partial_rotary_factor", 1.0) * h["hidden_size"]) // h["num_attention_heads"]
+        w.add_rope_dimension_count(rotary)
+        w.add_rope_freq_base(full["rope_theta"])
+        w.add_sliding_window(h["sliding_window"] or 0)
+        if full["rope_type"] == "longrope":  # generate_extra_tensors: the factors go in as tensors
+            original = h["original_max_position_embeddings"]
+            scale = h["max_position_embeddings"] / original
+            w.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(original)) if scale > 1 else 1.0)
+        return
+    w.add_context_length(h["max_position_embeddings"])
+    w.add_embedding_length(h["hidden_size"])
+    w.add_block_count(h["num_hidden_layers"])
+    w.add_feed_forward_length(h["intermediate_size"])
+    w.add_head_count(h["num_attention_heads"])
+    w.add_head_count_kv(h["num_key_value_heads"])
+    w.add_layer_norm_rms_eps(h["rms_norm_eps"])
+    if h.get("head_dim") is not None:  # TextModel, Gemma*Model (Qwen2's config has no head_dim)
+        w.add_key_length(h["head_dim"])
+        w.add_value_length(h["head_dim"])
+    if arch in ("gemma", "gemma2"):  # GemmaModel / Gemma2Model.set_gguf_parameters: no rope base at all
+        if arch == "gemma2":
+            w.add_attn_logit_softcapping(h["attn_logit_softcapping"])
+            w.add_final_logit_softcapping(h["final_logit_softcapping"])
+            w.add_sliding_window(h["sliding_window"])
+        return
+    # TextModel.set_gguf_parameters (Qwen2Model, Qwen3Model add nothing), then Gemma3Model's additions
+    if full.get("rope_type") == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(full["factor"])
+    w.add_rope_freq_base(full["rope_theta"])
+    if local is not None:
+        w.add_rope_freq_base_swa(local["rope_theta"])
+    if arch == "gemma3":
+        if h.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(h["final_logit_softcapping"])
+        w.add_sliding_window(h["sliding_window"])
+
+
+def write_family_gguf(path, arch, model, sp_model_path, types=None, drop=(), extra=None):
+    """Write `model` as llama.cpp would. types: HF name -> GGMLQuantizationType (default F32); drop: GGUF names left
+    out. Returns, per HF name written, the values a faithful reader must recover (the original for F32)."""
+    h = model.config.to_dict()
+    w = gguf.GGUFWriter(str(path), arch)
+    llamacpp_metadata(w, arch, h)
+    tokenizer_metadata(w, sp_model_path)
+    w.add_pad_token_id(h["pad_token_id"])
+    names = gguf.get_tensor_name_map(GGUF_ARCH[arch], h["num_hidden_layers"])
+    out, expected = {}, {}
+    for name, value in model.state_dict().items():
+        if name == "lm_head.weight" and (h["tie_word_embeddings"] or arch in ("gemma", "gemma2")):
+            continue  # tied: not in the checkpoint (and Gemma(2)Model.modify_tensors drops lm_head anyway)
+        base, kind = name.rsplit(".", 1)
+        assert names.get_name(base) is not None, name
+        value = value.float()
+        if arch.startswith("gemma") and name.endswith("norm.weight"):
+            value = value + 1  # Gemma*Model.modify_tensors: ggml's RMSNorm is x * w, HF's x * (1 + w)
+        qtype = (types or {}).get(name, Q.F32)
+        if qtype == Q.F32:
+            data = value.numpy()
+            expected[name] = model.state_dict()[name]
+        else:
+            data = gguf.quants.quantize(value.numpy(), qtype)
+            expected[name] = torch.from_numpy(gguf.quants.dequantize(data, qtype))
+        out[f"{names.get_name(base)}.{kind}"] = (data, qtype)
+    rope = h["rope_parameters"]
+    if arch == "phi3" and rope["rope_type"] == "longrope":  # Phi3MiniModel.generate_extra_tensors
+        out["rope_factors_long.weight"] = (np.array(rope["long_factor"], dtype=np.float32), Q.F32)
+        out["rope_factors_short.weight"] = (np.array(rope["short_factor"], dtype=np.float32), Q.F32)
+    out.update({k: (v, Q.F32) for k, v in (extra or {}).items()})
+    for gname, (data, qtype) in out.items():
+        if gname not in drop:
+            w.add_tensor(gname, data, raw_dtype=None if qtype == Q.F32 else qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return expected
+
+
+def _family_ids(vocab):
+    return torch.randint(0, vocab, (2, 37), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_family_round_trip_is_exact(tmp_path, sp_model_path, sp_vocab, name):
+    """All-F32 GGUF of each family: config.json reads as the original's ModelConfig, every tensor comes back
+    bit-identical (Gemma's norms included), hare on the converted directory gives transformers' logits on the
+    original, and transformers on the converted directory gives them exactly."""
+    from transformers import AutoModelForCausalLM
+
+    from hare import load_model
+    from hare.models import config_from_dict
+
+    arch, ref = tiny_family(name, sp_vocab)
+    ref.save_pretrained(tmp_path / "original")
+    write_family_gguf(tmp_path / "m.gguf", arch, ref, sp_model_path)
+    out = convert_gguf(tmp_path / "m.gguf", tmp_path / "hf")
+    original = json.loads((tmp_path / "original" / "config.json").read_text())
+    converted = json.load(open(os.path.join(out, "config.json")))
+    assert converted["model_type"] == original["model_type"]
+    assert config_from_dict(converted) == config_from_dict(original)
+
+    ours = load_dir(out)
+    state = {k: v for k, v in ref.state_dict().items()
+             if not (k == "lm_head.weight" and ref.config.tie_word_embeddings)}
+    assert set(ours) == set(state)
+    for k, v in state.items():
+        assert torch.equal(ours[k], v), k
+
+    ids = _family_ids(sp_vocab)
+    with torch.no_grad():
+        want = ref(ids).logits
+        got = load_model(out, dtype=torch.float32)(ids).logits
+        assert (got - want).abs().max().item() <= 1e-4
+        again = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        assert torch.equal(again(ids).logits, want)
+
+
+# Architectures transformers reads from GGUF (transformers/integrations/ggml.py, GGUF_CONFIG_MAPPING; no "gemma").
+TRANSFORMERS_GGUF = {"qwen2", "qwen3", "gemma2", "gemma3", "phi3"}
+# Those whose key map covers these tiny configs, so its whole model can agree; it does not read Gemma 2's softcaps
+# and window pattern, Gemma 3's rope scaling, nor Phi-3's longrope / window / partial rotary from the file.
+TRANSFORMERS_GGUF_COMPLETE = {"qwen2", "qwen3"}
+
+
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "gemma3", "phi3", "qwen2", "qwen3"])
+def test_family_quantized(tmp_path, sp_model_path, sp_vocab, name):
+    """Layer 0 and the embedding in Q8_0 (norms stay F32, as llama.cpp keeps them): each tensor equals gguf-py's
+    round trip placed by name and, where transformers reads the architecture, transformers' own reading of the
+    file (its dequantizer, its -1 on Gemma norms); where its key map is complete, its logits too."""
+    from transformers import AutoModelForCausalLM
+
+    from hare import load_model
+
+    arch, ref = tiny_family(name, sp_vocab)
+    types = {k: Q.Q8_0 for k, v in ref.state_dict().items() if v.ndim == 2 and (".layers.0." in k or "embed" in k)}
+    expected = write_family_gguf(tmp_path / "q.gguf", arch, ref, sp_model_path, types=types)
+    out = convert_gguf(tmp_path / "q.gguf", tmp_path / "hf")
+    ours = load_dir(out)
+    assert set(ours) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(ours[k], v), k
+    assert all((ours[k] - ref.state_dict()[k]).abs().max() > 0 for k in types)  # really quantized
+    if arch not in TRANSFORMERS_GGUF:
+        return
+    theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file="q.gguf", dtype=torch.float32).eval()
+    state = theirs.state_dict()
+    assert set(ours) <= set(state)
+    for k in ours:
+        assert torch.equal(ours[k], state[k]), k
+    if name in TRANSFORMERS_GGUF_COMPLETE:
+        ids = _family_ids(sp_vocab)
+        with torch.no_grad():
+            got = load_model(out, dtype=torch.float32)(ids).logits
+            assert (got - theirs(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name,layers", [("gemma2", 46), ("gemma3", 62)])
+def test_gemma_27b_attention_scale(tmp_path, sp_model_path, sp_vocab, name, layers):
+    """The file has no query_pre_attn_scalar: at the 27B block counts llama.cpp scales by hidden / heads (here 16,
+    != head_dim 8), and so must the converted config (the released 27B configs say 144 and 168 the same way)."""
+    from hare.models import config_from_dict
+
+    arch, ref = tiny_family(name, sp_vocab, num_hidden_layers=layers, hidden_size=32, intermediate_size=16,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=8, query_pre_attn_scalar=16)
+    ref.save_pretrained(tmp_path / "original")
+    write_family_gguf(tmp_path / "m.gguf", arch, ref, sp_model_path)
+    converted = json.load(open(os.path.join(convert_gguf(tmp_path / "m.gguf", tmp_path / "hf"), "config.json")))
+    assert converted["query_pre_attn_scalar"] == 16
+    original = json.loads((tmp_path / "original" / "config.json").read_text())
+    assert config_from_dict(converted) == config_from_dict(original)
+
+
+def test_family_strictness(tmp_path, sp_model_path, sp_vocab):
+    """Qwen2 without a q/k/v bias, a bias Gemma has no place for, half of Phi-3's LongRoPE pair: named errors."""
+    _, qwen2 = tiny_family("qwen2", sp_vocab)
+    write_family_gguf(tmp_path / "q.gguf", "qwen2", qwen2, sp_model_path, drop={"blk.1.attn_k.bias"})
+    with pytest.raises(CheckpointError, match=r"missing: model\.layers\.1\.self_attn\.k_proj\.bias"):
+        convert_gguf(tmp_path / "q.gguf", tmp_path / "out")
+    _, gemma = tiny_family("gemma", sp_vocab)
+    write_family_gguf(tmp_path / "g.gguf", "gemma", gemma, sp_model_path,
+                      extra={"blk.0.attn_q.bias": np.zeros(96, np.float32)})
+    with pytest.raises(CheckpointError, match=r"no Hugging Face name \(gemma\): blk\.0\.attn_q\.bias"):
+        convert_gguf(tmp_path / "g.gguf", tmp_path / "out")
+    _, phi3 = tiny_family("phi3", sp_vocab)
+    write_family_gguf(tmp_path / "p.gguf", "phi3", phi3, sp_model_path, drop={"rope_factors_short.weight"})
+    with pytest.raises(CheckpointError, match="come in pairs"):
+        convert_gguf(tmp_path / "p.gguf", tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 def _minimal_gguf(path, arch):
@@ -390,8 +669,8 @@ def _minimal_gguf(path, arch):
 
 
 def test_unsupported_architecture(tmp_path):
-    _minimal_gguf(tmp_path / "other.gguf", "qwen2")
-    with pytest.raises(UnsupportedModelError, match=r"other\.gguf: GGUF architecture 'qwen2' is not supported"):
+    _minimal_gguf(tmp_path / "other.gguf", "falcon")
+    with pytest.raises(UnsupportedModelError, match=r"other\.gguf: GGUF architecture 'falcon' is not supported"):
         convert_gguf(tmp_path / "other.gguf", tmp_path / "out")
     assert not os.path.exists(tmp_path / "out")
 
@@ -419,7 +698,7 @@ def test_bad_inputs(tmp_path, sp_model_path, sp_vocab):
         convert_gguf(tmp_path / "missing.gguf", tmp_path / "out")
     write_llama_gguf(tmp_path / "extra.gguf", model, sp_model_path,
                      extra={"blk.0.attn_mystery.weight": np.zeros((4, 4), np.float32)})
-    with pytest.raises(CheckpointError, match=r"no Hugging Face name: blk\.0\.attn_mystery\.weight"):
+    with pytest.raises(CheckpointError, match=r"no Hugging Face name \(llama\): blk\.0\.attn_mystery\.weight"):
         convert_gguf(tmp_path / "extra.gguf", tmp_path / "out")
     # a type outside the supported list is refused by name
     write_llama_gguf(tmp_path / "q51.gguf", model, sp_model_path, types={"model.layers.0.mlp.up_proj.weight": Q.Q5_1})
