@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting, pick_backend
+from ._triton import cast
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reference (the spec)
@@ -95,7 +96,8 @@ def _tanh(x):
 @triton.jit
 def _mm(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """acc + a @ b with fp32 accumulation. UPCAST (interpreter only): its tl.dot on bf16 returns garbage, so
-    both operands go to fp32 first; callers round them to the input dtype before, so the numbers are the GPU's."""
+    both operands go to fp32 first; callers round them to the input dtype before (with _triton.cast, which
+    rounds to nearest even there as the GPU does), so the numbers are the GPU's."""
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
     else:
@@ -160,6 +162,7 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
+    INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     # Causal work grows with the query block; launching the last blocks first evens out the tail of the grid.
     mb = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -223,15 +226,15 @@ def _attn_fwd_kernel(
         p = tl.math.exp2(x - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mm(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PREC)
+        acc = _mm(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], UPCAST, PREC)
         m_i = m_new
 
     # Every real query sees at least itself, so l_i > 0 on the rows that are stored; the guard keeps padding
     # rows (never stored) free of 0/0.
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_i[:, None]
-    tl.store(O + (b64 * T + offs_m[:, None]) * (Hq * D) + h * D + offs_d[None, :], out.to(O.dtype.element_ty),
-             mask=(offs_m[:, None] < T) & dmask[None, :])
+    tl.store(O + (b64 * T + offs_m[:, None]) * (Hq * D) + h * D + offs_d[None, :],
+             cast(out, O.dtype.element_ty, INTERPRET), mask=(offs_m[:, None] < T) & dmask[None, :])
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
@@ -269,6 +272,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
+    INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     # One program owns keys [n0, n0 + BLOCK_N) of one kv head and sums over its GROUP q heads: no atomics.
     nb = tl.program_id(0)
@@ -332,18 +336,18 @@ def _attn_bwd_dkdv_kernel(
                     doc_q = tl.load(ROW + tl.minimum(offs_m, T - 1))
                 pT = tl.where(tl.trans(_visible(offs_m, offs_n, doc_q, doc_k, W, HAS_WINDOW, HAS_DOCS)), pT, 0.0)
             # dV_j += sum_i P_ij dO_i
-            dv = _mm(pT.to(do.dtype), do, dv, UPCAST, PREC)
+            dv = _mm(cast(pT, do.dtype, INTERPRET), do, dv, UPCAST, PREC)
             # dP_ij = dO_i . v_j ; dX = P (dP - delta) ; softcap: dX *= 1 - tanh^2 (scale applied at the end)
             dpT = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PREC)
             dsT = pT * (dpT - delta[None, :])
             if SOFTCAP:
                 dsT = dsT * (1.0 - tT * tT)
             # dK_j += sum_i dS_ij q_i
-            dk = _mm(dsT.to(q.dtype), q, dk, UPCAST, PREC)
+            dk = _mm(cast(dsT, q.dtype, INTERPRET), q, dk, UPCAST, PREC)
 
     out_off = (b64 * T + offs_n[:, None]) * (Hk * D) + hk * D + offs_d[None, :]
-    tl.store(DK + out_off, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + out_off, cast(dk * scale, DK.dtype.element_ty, INTERPRET), mask=kv_mask)
+    tl.store(DV + out_off, cast(dv, DV.dtype.element_ty, INTERPRET), mask=kv_mask)
 
 
 @triton.jit
@@ -357,6 +361,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
     UPCAST: tl.constexpr, PREC: tl.constexpr,
+    INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     # Same walk as the forward: one query block of one q head, over the key blocks it needs.
     mb = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -419,10 +424,10 @@ def _attn_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
             ds = ds * (1.0 - t * t)
-        dq = _mm(ds.to(k.dtype), k, dq, UPCAST, PREC)
+        dq = _mm(cast(ds, k.dtype, INTERPRET), k, dq, UPCAST, PREC)
 
     tl.store(DQ + (b64 * T + offs_m[:, None]) * (Hq * D) + h * D + offs_d[None, :],
-             (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+             cast(dq * scale, DQ.dtype.element_ty, INTERPRET), mask=q_mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -556,7 +561,7 @@ def _attention_fwd(q, k, v, scale, tables, window, softcap, cfg=None):
         sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"],
         GROUP=Hq // Hk, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BM, BLOCK_N=BN,
         HAS_WINDOW=sc["HAS_WINDOW"], HAS_DOCS=has_docs, SOFTCAP=sc["SOFTCAP"],
-        UPCAST=interp, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        UPCAST=interp, PREC="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp,
         num_warps=warps, num_stages=stages,
     )
     return o, lse
@@ -571,7 +576,8 @@ def _attention_bwd(do, q, k, v, o, lse, scale, tables, window, softcap, cfg=None
     BLOCK_D = max(16, triton.next_power_of_2(D))
     do = _last_contig(do)
     common = dict(GROUP=Hq // Hk, D=D, BLOCK_D=BLOCK_D, HAS_WINDOW=sc["HAS_WINDOW"], HAS_DOCS=tables is not None,
-                  SOFTCAP=sc["SOFTCAP"], UPCAST=interp, PREC="ieee" if q.dtype == torch.float32 else "tf32")
+                  SOFTCAP=sc["SOFTCAP"], UPCAST=interp, PREC="ieee" if q.dtype == torch.float32 else "tf32",
+                  INTERPRET=interp)
     scal = (sc["scale"], sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))

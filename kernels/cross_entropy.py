@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ._dispatch import interpreting, pick_backend
+from ._triton import cast
 
 
 def linear_cross_entropy_ref(hidden, weight, labels, ignore_index=-100, softcap=None):
@@ -81,18 +82,6 @@ def _tanh(y):
 
 
 @triton.jit
-def _round_fp32_to_bf16_rtne(x):
-    """x rounded to the nearest bf16 (ties to even), still as fp32. Needed under the Triton interpreter only:
-    its fp32 -> bf16 `.to()` truncates (triton 3.6 runtime/interpreter.py: cast_impl passes no rounding mode, and
-    its "rtne" mode ORs the carry into the exponent), which doubles the rounding error of a bf16 gradient. On
-    the GPU the cast itself rounds to nearest even. Standard bit trick: add 0x7FFF plus the lowest kept bit,
-    then clear the 16 dropped bits; a carry moves into the exponent as it should, inf and NaN stay as they are."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
 def _ce_rows_kernel(
     logits_ptr,     # (rows, V) raw logits x of this chunk, in the input dtype; overwritten with g = d loss / d x
     stride_row,     # elements between consecutive rows of logits_ptr (the last dim is contiguous)
@@ -104,7 +93,7 @@ def _ce_rows_kernel(
     HAS_SOFTCAP: tl.constexpr,
     WRITE_GRAD: tl.constexpr,   # False when no gradient is wanted: only the loss is computed, logits untouched
     BLOCK_V: tl.constexpr,
-    ROUND_BF16: tl.constexpr,   # round g to nearest-even bf16 by hand (the interpreter's cast truncates)
+    INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     row = tl.program_id(0)
     ptr = logits_ptr + row.to(tl.int64) * stride_row
@@ -152,9 +141,7 @@ def _ce_rows_kernel(
                     g = (tl.exp(softcap * t - lse) - onehot) * (1.0 - t * t)
                 else:
                     g = tl.exp(x - lse) - onehot
-                if ROUND_BF16:
-                    g = _round_fp32_to_bf16_rtne(g)   # exact in bf16 now: the cast below cannot truncate
-                tl.store(ptr + offs, g.to(logits_ptr.dtype.element_ty), mask=offs < V)
+                tl.store(ptr + offs, cast(g, logits_ptr.dtype.element_ty, INTERPRET), mask=offs < V)
 
 
 # Vocab block per loop step and warps of the row kernel; one program streams one row twice and writes it once.
@@ -177,7 +164,7 @@ def _ce_rows(logits, labels, losses, ignore_index, softcap, write_grad, block_v=
         logits, logits.stride(0), labels, losses, V, ignore_index,
         float(softcap) if softcap is not None else 1.0,
         HAS_SOFTCAP=softcap is not None, WRITE_GRAD=write_grad, BLOCK_V=block_v,
-        ROUND_BF16=interpreting(logits) and logits.dtype == torch.bfloat16, num_warps=num_warps,
+        INTERPRET=interpreting(logits), num_warps=num_warps,
     )
 
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import pick_backend
+from ._dispatch import interpreting, pick_backend
+from ._triton import cast
 
 APPROXIMATIONS = ("tanh", "none")
 # Same elementwise tiling as swiglu.py (8 elements per thread, 16-byte bf16 loads). Measured (H200, 8192-16384
@@ -69,6 +70,7 @@ def _geglu_fwd_kernel(
     g_row, u_row, y_row,  # row strides in elements
     TANH: tl.constexpr,  # tanh approximation vs exact erf
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,7 +80,7 @@ def _geglu_fwd_kernel(
     g = tl.load(g_ptr + row * g_row + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
     act, _ = _gelu_and_grad(g, TANH)  # the unused derivative is dead code, removed by the compiler
-    tl.store(y_ptr + row * y_row + cols, (act * u).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * y_row + cols, cast(act * u, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -92,6 +94,7 @@ def _geglu_bwd_kernel(
     dy_row, g_row, u_row, dg_row, du_row,  # row strides in elements
     TANH: tl.constexpr,  # tanh approximation vs exact erf
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -103,8 +106,8 @@ def _geglu_bwd_kernel(
     u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
     act, grad = _gelu_and_grad(g, TANH)
     # dup = dy gelu(g) ; dgate = dy up gelu'(g)
-    tl.store(du_ptr + row * du_row + cols, (dy * act).to(du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + row * dg_row + cols, (dy * u * grad).to(dg_ptr.dtype.element_ty), mask=mask)
+    tl.store(du_ptr + row * du_row + cols, cast(dy * act, du_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(dg_ptr + row * dg_row + cols, cast(dy * u * grad, dg_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def _rows(t, n):
@@ -141,7 +144,7 @@ def geglu_fwd(gate, up, approximate, block=None, num_warps=None):
     if y.numel():
         grid, cfg = _launch(g2.shape[0], n, block, num_warps)
         _geglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0),
-                                TANH=approximate == "tanh", **cfg)
+                                TANH=approximate == "tanh", INTERPRET=interpreting(y), **cfg)
     return y
 
 
@@ -156,7 +159,7 @@ def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None):
         _geglu_bwd_kernel[grid](
             dy2, g2, u2, dg2, du2, g2.shape[0], n,
             dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),
-            TANH=approximate == "tanh", **cfg)
+            TANH=approximate == "tanh", INTERPRET=interpreting(dg), **cfg)
     return dg, du
 
 

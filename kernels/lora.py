@@ -1,20 +1,340 @@
-"""Projections of the decoder: q/k/v from one input, and the gated MLP.
+"""Projections of the decoder with LoRA: one input through one or more linears (q/k/v share theirs, o_proj has
+its own), and the whole gated MLP (gate/up -> SwiGLU or GeGLU -> down).
 
-The decoder calls `qkv(attn, x)` and `mlp(module, x)`; these are the single place where plain, LoRA and 4-bit
-linears are told apart, so that the fused LoRA autograd functions (issue 5) can take over whole groups of
-projections without the decoder knowing. Until they land, these run the modules as they are."""
-from .geglu import geglu
-from .swiglu import swiglu
+For one projection with a frozen base W (out x in, 16-bit, or 4-bit and dequantized on use), bias b, and the
+adapter A (r x in), B (out x r), scale s = alpha / r (rsLoRA: alpha / sqrt r)  [Hu et al. 2021, arXiv:2106.09685]:
+
+    y  = x W^T + b + s (x A^T) B^T
+    dx = dy W + s (dy B) A
+    dA = s (dy B)^T x          (r x in)
+    dB = s dy^T (x A^T)        (out x r)
+    no dW, no db: the base is frozen.
+
+Projections sharing one input add their dx into one buffer (addmm_ into the same (tokens, in) tensor: no
+per-projection dx, no sum afterwards).
+
+The gated MLP, with act = SwiGLU (silu(g) u) or GeGLU (gelu(g) u), whose fwd/bwd are the kernels of
+kernels/swiglu.py and kernels/geglu.py:
+
+    g = proj_gate(x), u = proj_up(x), h = act(g, u), y = proj_down(h)
+    dh = dy W_d + s_d (dy B_d) A_d,  dA_d = s_d (dy B_d)^T h,  dB_d = s_d dy^T (h A_d^T)
+    dg, du = act_bwd(dh, g, u)
+    dx = dg W_g + s_g (dg B_g) A_g + du W_u + s_u (du B_u) A_u,  and dA/dB of gate and up as above.
+
+What the fused functions keep for backward: x, g, u, A, B and the small (tokens x r) products x A^T; the base
+weights are referenced, never copied: a 16-bit W is the parameter itself, a 4-bit W stays packed and is
+dequantized again in backward into a temporary that dies right after its GEMM. h is recomputed from g and u in
+backward (one elementwise kernel) instead of being stored: it is a (tokens x intermediate) tensor per layer.
+Plain autograd over the same ops would keep x, g, u, h and every dequantized W.
+
+Dtypes (the one place they are decided): the compute dtype is the input's (bf16 on the GPU). A 16-bit base must
+already be in it; a 4-bit base is dequantized to it. Adapters may be kept in fp32 (master weights for the
+optimizer): they are cast to the compute dtype at use, and their gradients are returned in their own dtype.
+GEMMs accumulate in fp32 (cuBLAS / the CPU BLAS) and round once.
+
+Dropout > 0 on an adapter: its input is dropout(x), not x, so the fused functions (which share x between base and
+adapter) do not apply; that projection takes the slower correct path: the base through the fused function (still
+dequantized in backward) plus the adapter branch under plain autograd.
+
+Backends: "triton" = the fused autograd functions above (GEMMs on cuBLAS, activations on the Triton kernels);
+"ref" = the same math composed from the `_ref` ops under plain autograd (the spec and the test oracle).
+backend=None picks "triton" for CUDA tensors and "ref" otherwise. A LoRA module carries its choice in
+`module.backend` (set by engine.lora.apply_lora; None by default).
+
+The module protocol read here (nothing else is assumed): a projection module has `weight` (a tensor, or a 4-bit
+container with `.dequantize(dtype)`) and `bias` (tensor or None); a LoRA module also has `lora_A` and `lora_B`
+(modules whose `.weight` is A and B), `scaling` (s), `dropout` (probability) and `backend`. A plain
+`nn.Linear` is run as itself.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._dispatch import pick_backend
+from .geglu import geglu, geglu_bwd, geglu_fwd
+from .swiglu import swiglu, swiglu_bwd, swiglu_fwd
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weights and the module protocol
+# ---------------------------------------------------------------------------------------------------------------
+
+def dense(weight, dtype):
+    """The base weight as a dense (out, in) matrix in `dtype`: a 16-bit tensor as it is (it must already be in
+    the compute dtype: a silent cast would copy every weight on every call), a 4-bit container dequantized into a
+    temporary."""
+    if isinstance(weight, torch.Tensor):
+        if weight.dtype != dtype:
+            raise ValueError(f"weight dtype {weight.dtype} differs from the input dtype {dtype}: load the model "
+                             f"in the dtype you compute in")
+        return weight
+    return weight.dequantize(dtype)
+
+
+def is_plain(module) -> bool:
+    """A frozen 16-bit nn.Linear without adapters: run as itself (the fused path would do the same GEMM)."""
+    return type(module) is nn.Linear
+
+
+def spec(module):
+    """(weight, bias, A, B, scale, dropout) of a projection module; A = B = None without an adapter."""
+    lora_a = getattr(module, "lora_A", None)
+    if lora_a is None:
+        return module.weight, module.bias, None, None, 0.0, 0.0
+    return module.weight, module.bias, lora_a.weight, module.lora_B.weight, module.scaling, module.dropout
+
+
+def _backend_of(modules, x):
+    choices = {getattr(m, "backend", None) for m in modules} - {None}
+    if len(choices) > 1:
+        raise ValueError(f"modules sharing one input ask for different backends: {sorted(choices)}")
+    return pick_backend(choices.pop() if choices else None, x)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# References (the spec)
+# ---------------------------------------------------------------------------------------------------------------
+
+def lora_linear_ref(x, weight, bias=None, A=None, B=None, scale=1.0, x_lora=None):
+    """y = x W^T + b + s (x_lora A^T) B^T with x_lora = x unless given (dropout(x)); plain autograd."""
+    W = dense(weight, x.dtype)
+    y = F.linear(x, W, bias)
+    if A is None:
+        return y
+    xl = x if x_lora is None else x_lora
+    return y + scale * F.linear(F.linear(xl, A.to(x.dtype)), B.to(x.dtype))
+
+
+def _approximate(act):
+    """gelu_pytorch_tanh / gelu_new / gelu_fast are the tanh approximation; "gelu" is the exact erf."""
+    return "none" if act == "gelu" else "tanh"
+
+
+def _act(act, g, u, backend=None):
+    """The gated activation as an autograd op (its own Triton function, or the ref)."""
+    if act == "silu":
+        return swiglu(g, u, backend=backend)
+    return geglu(g, u, approximate=_approximate(act), backend=backend)
+
+
+def lora_mlp_ref(x, gate, up, down, act):
+    """down(act(gate(x), up(x))) with each of gate/up/down a (weight, bias, A, B, scale) tuple."""
+    g = lora_linear_ref(x, *gate)
+    u = lora_linear_ref(x, *up)
+    return lora_linear_ref(_act(act, g, u, "ref"), *down)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fused autograd functions
+# ---------------------------------------------------------------------------------------------------------------
+
+def _forward_one(x2, weight, bias, A, B, s):
+    """(tokens, out) output and the (tokens, r) product x A^T (None without an adapter)."""
+    dt = x2.dtype
+    y = F.linear(x2, dense(weight, dt), bias)  # a dequantized W is a temporary, freed on return
+    if A is None:
+        return y, None
+    xa = x2 @ A.to(dt).t()
+    return y.addmm_(xa, B.to(dt).t(), alpha=s), xa
+
+
+def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab):
+    """Gradients of projections sharing the input x2 (tokens, in), from their output gradients dys.
+
+    dx = sum_i dy_i W_i + s_i (dy_i B_i) A_i,  dA_i = s_i (dy_i B_i)^T x,  dB_i = s_i dy_i^T (x A_i^T).
+    Returns (dx or None, [dA_0, dB_0, dA_1, ...])."""
+    dt = x2.dtype
+    dx = None
+    grads = [None] * len(ab)
+    for i, dy in enumerate(dys):
+        if dy is None:
+            continue
+        A, B, s = ab[2 * i], ab[2 * i + 1], scales[i]
+        if need_dx:
+            W = dense(weights[i], dt)
+            dx = dy @ W if dx is None else dx.addmm_(dy, W)
+            del W  # a dequantized weight dies here, before the next one is made
+        if A is None:
+            continue
+        dyb = dy @ B.to(dt)  # (tokens, r)
+        if need_dx:
+            dx.addmm_(dyb, A.to(dt), alpha=s)
+        if need_ab[2 * i]:
+            grads[2 * i] = (dyb.t() @ x2).mul_(s).to(A.dtype)
+        if need_ab[2 * i + 1]:
+            grads[2 * i + 1] = (dy.t() @ xas[i]).mul_(s).to(B.dtype)
+    return dx, grads
+
+
+class LoRALinearsFunction(torch.autograd.Function):
+    """y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T for n projections sharing x (n = 1: one linear; n = 3: q/k/v).
+
+    apply(x, weights, biases, scales, A_0, B_0, A_1, B_1, ...): weights/biases/scales are tuples (frozen, not
+    differentiated); A_i = B_i = None for a projection without an adapter."""
+
+    @staticmethod
+    def forward(ctx, x, weights, biases, scales, *ab):
+        ctx.set_materialize_grads(False)  # an unused output (e.g. no loss through v) sends None: skip it
+        x2 = x.reshape(-1, x.shape[-1])
+        outs, xas = [], []
+        for i, (w, b, s) in enumerate(zip(weights, biases, scales)):
+            y, xa = _forward_one(x2, w, b, ab[2 * i], ab[2 * i + 1], s)
+            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            xas.append(xa)
+        ctx.weights, ctx.scales, ctx.x_shape = weights, scales, x.shape
+        ctx.save_for_backward(x2, *ab, *xas)
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *dys):
+        n = len(ctx.weights)
+        x2, *rest = ctx.saved_tensors
+        ab, xas = rest[:2 * n], rest[2 * n:]
+        dys = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
+        dx, grads = _backward_shared(x2, dys, ctx.weights, ab, xas, ctx.scales, ctx.needs_input_grad[0],
+                                     ctx.needs_input_grad[4:])
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return (dx, None, None, None, *grads)
+
+
+def _act_fwd(act, g, u):
+    return swiglu_fwd(g, u) if act == "silu" else geglu_fwd(g, u, _approximate(act))
+
+
+def _act_bwd(act, dh, g, u):
+    return swiglu_bwd(dh, g, u) if act == "silu" else geglu_bwd(dh, g, u, _approximate(act))
+
+
+class LoRAMLPFunction(torch.autograd.Function):
+    """y = down(act(gate(x), up(x))), each projection with an optional adapter; see the module docstring.
+
+    apply(x, weights(3), biases(3), scales(3), act, A_g, B_g, A_u, B_u, A_d, B_d)."""
+
+    @staticmethod
+    def forward(ctx, x, weights, biases, scales, act, *ab):
+        x2 = x.reshape(-1, x.shape[-1])
+        g, xa_g = _forward_one(x2, weights[0], biases[0], ab[0], ab[1], scales[0])
+        u, xa_u = _forward_one(x2, weights[1], biases[1], ab[2], ab[3], scales[1])
+        h = _act_fwd(act, g, u)
+        y, ha_d = _forward_one(h, weights[2], biases[2], ab[4], ab[5], scales[2])
+        del h  # recomputed in backward from g and u
+        ctx.weights, ctx.scales, ctx.act, ctx.x_shape = weights, scales, act, x.shape
+        ctx.save_for_backward(x2, g, u, *ab, xa_g, xa_u, ha_d)
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, g, u, *rest = ctx.saved_tensors
+        ab, (xa_g, xa_u, ha_d) = rest[:6], rest[6:]
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        # down: its input h is recomputed only when its dA needs it (dA_d = s_d (dy B_d)^T h)
+        h = _act_fwd(ctx.act, g, u) if need[9] else None
+        dh, (dA_d, dB_d) = _backward_shared(h, [dy2], ctx.weights[2:], ab[4:], [ha_d], ctx.scales[2:], True,
+                                            need[9:11])
+        del h
+        dg, du = _act_bwd(ctx.act, dh, g, u)
+        del dh
+        dx, grads = _backward_shared(x2, [dg, du], ctx.weights[:2], ab[:4], [xa_g, xa_u], ctx.scales[:2],
+                                     need[0], need[5:9])
+        if dx is not None:
+            dx = dx.view(ctx.x_shape)
+        return (dx, None, None, None, None, *grads, dA_d, dB_d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Public ops
+# ---------------------------------------------------------------------------------------------------------------
+
+def _check(x, projections, widths=None):
+    """widths: the input width of each projection (default: x's)."""
+    if not x.dtype.is_floating_point:
+        raise ValueError(f"x must be a floating tensor, got {x.dtype}")
+    for i, (weight, bias, A, B, scale) in enumerate(projections):
+        width = x.shape[-1] if widths is None else widths[i]
+        if (A is None) != (B is None):
+            raise ValueError("A and B must both be given or both be None")
+        frozen = [t for t in (weight, bias) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if frozen:
+            raise ValueError("the fused LoRA path trains adapters only: a base weight or bias requires grad "
+                             "(use backend='ref', or freeze it)")
+        if A is not None and (A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or A.shape[1] != width):
+            raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit an input of width {width}")
+
+
+def lora_linears(x, projections, backend=None):
+    """Outputs of several projections of the same input; each projection is (weight, bias, A, B, scale)."""
+    projections = [tuple(p) for p in projections]
+    if pick_backend(backend, x) == "ref":
+        return tuple(lora_linear_ref(x, *p) for p in projections)
+    _check(x, projections)
+    weights, biases, As, Bs, scales = zip(*projections)
+    ab = [t for pair in zip(As, Bs) for t in pair]
+    return LoRALinearsFunction.apply(x, weights, biases, tuple(float(s) for s in scales), *ab)
+
+
+def lora_linear(x, weight, bias=None, A=None, B=None, scale=1.0, backend=None):
+    """y = x W^T + b + s (x A^T) B^T (A = B = None: the frozen base alone, dequantized again in backward)."""
+    return lora_linears(x, [(weight, bias, A, B, scale)], backend)[0]
+
+
+def lora_mlp(x, gate, up, down, act="silu", backend=None):
+    """down(act(gate(x), up(x))); gate/up/down are (weight, bias, A, B, scale); act: "silu" (SwiGLU), "gelu"
+    (exact GeGLU) or a tanh-approximate gelu name (gelu_pytorch_tanh, gelu_new, gelu_fast)."""
+    projections = [tuple(gate), tuple(up), tuple(down)]
+    if pick_backend(backend, x) == "ref":
+        return lora_mlp_ref(x, *projections, act)
+    inter = projections[0][0].shape[0]
+    _check(x, projections, [x.shape[-1], x.shape[-1], inter])
+    weights, biases, As, Bs, scales = zip(*projections)
+    ab = [t for pair in zip(As, Bs) for t in pair]
+    return LoRAMLPFunction.apply(x, weights, biases, tuple(float(s) for s in scales), act, *ab)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Module dispatch: what the decoder calls
+# ---------------------------------------------------------------------------------------------------------------
+
+def _dropped(m, x):
+    """A projection whose adapter has dropout: base through the fused function, adapter under plain autograd."""
+    weight, bias, A, B, scale, p = spec(m)
+    backend = _backend_of([m], x)
+    xl = F.dropout(x, p, m.training)
+    if backend == "ref":
+        return lora_linear_ref(x, weight, bias, A, B, scale, x_lora=xl)
+    return lora_linear(x, weight, bias, backend=backend) + scale * F.linear(F.linear(xl, A.to(x.dtype)),
+                                                                          B.to(x.dtype))
+
+
+def _has_dropout(m):
+    return getattr(m, "lora_A", None) is not None and m.dropout > 0 and m.training
+
+
+def linear(module, x):
+    """One projection module applied to x (the forward of engine.lora.LoRALinear)."""
+    if is_plain(module):
+        return module(x)
+    if _has_dropout(module):
+        return _dropped(module, x)
+    return lora_linears(x, [spec(module)[:5]], _backend_of([module], x))[0]
 
 
 def qkv(attn, x):
-    return attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    mods = (attn.q_proj, attn.k_proj, attn.v_proj)
+    if all(is_plain(m) for m in mods):
+        return tuple(m(x) for m in mods)
+    if any(_has_dropout(m) for m in mods):
+        return tuple(linear(m, x) for m in mods)
+    return lora_linears(x, [spec(m)[:5] for m in mods], _backend_of(mods, x))
 
 
 def mlp(module, x):
-    gate, up = module.gate_proj(x), module.up_proj(x)
-    if module.act == "silu":
-        h = swiglu(gate, up)
-    else:  # gelu_pytorch_tanh / gelu_new / gelu_fast are the tanh approximation; "gelu" is exact erf
-        h = geglu(gate, up, approximate="none" if module.act == "gelu" else "tanh")
-    return module.down_proj(h)
+    mods = (module.gate_proj, module.up_proj, module.down_proj)
+    if all(is_plain(m) for m in mods):
+        return module.down_proj(_act(module.act, module.gate_proj(x), module.up_proj(x)))
+    if any(_has_dropout(m) for m in mods):
+        h = _act(module.act, linear(mods[0], x), linear(mods[1], x), _backend_of(mods, x))
+        return linear(mods[2], h)
+    return lora_mlp(x, *[spec(m)[:5] for m in mods], act=module.act, backend=_backend_of(mods, x))
+

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import pick_backend
+from ._dispatch import interpreting, pick_backend
+from ._triton import cast
 
 CASTINGS = ("llama", "gemma")
 
@@ -59,6 +60,7 @@ def _rms_norm_fwd_kernel(
     GEMMA: tl.constexpr,  # casting "gemma" (all fp32) vs "llama" (round xhat to x.dtype, weff to w.dtype)
     BLOCK_M: tl.constexpr,  # rows per program
     BLOCK_N: tl.constexpr,  # next power of two >= N: the whole row is one tile
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -70,7 +72,7 @@ def _rms_norm_fwd_kernel(
     if HAS_RESIDUAL:
         res = tl.load(r_ptr + rows[:, None] * r_row + cols[None, :], mask=mask, other=0.0)
         # one rounding to x's dtype, as torch's `x + residual` (it adds in fp32 and rounds)
-        x = (x.to(tl.float32) + res.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        x = cast(x.to(tl.float32) + res.to(tl.float32), x_ptr.dtype.element_ty, INTERPRET)
         tl.store(h_ptr + rows[:, None] * h_row + cols[None, :], x, mask=mask)
     xf = x.to(tl.float32)
     rstd = tl.math.rsqrt(tl.sum(xf * xf, axis=1) / N + eps)
@@ -81,9 +83,9 @@ def _rms_norm_fwd_kernel(
     else:
         # llama: (offset + w) rounded in w's dtype, xhat rounded to x's dtype, product rounded once to y's
         # dtype (exact in fp32 before that rounding: two <= 11-bit mantissas fit in 24 bits).
-        weff = (w + offset).to(w_ptr.dtype.element_ty).to(tl.float32)
-        y = weff[None, :] * xhat.to(x_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(y_ptr + rows[:, None] * y_row + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+        weff = cast(w + offset, w_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+        y = weff[None, :] * cast(xhat, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+    tl.store(y_ptr + rows[:, None] * y_row + cols[None, :], cast(y, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
     tl.store(rstd_ptr + rows, rstd, mask=row_ok)
 
 
@@ -105,6 +107,7 @@ def _rms_norm_bwd_kernel(
     COMPUTE_DW: tl.constexpr,  # False when the weight is frozen (LoRA): no partial buffer at all
     BLOCK_M: tl.constexpr,  # rows per loop step
     BLOCK_N: tl.constexpr,  # next power of two >= N
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
@@ -115,7 +118,7 @@ def _rms_norm_bwd_kernel(
     if GEMMA:
         weff = offset + w
     else:
-        weff = (w + offset).to(w_ptr.dtype.element_ty).to(tl.float32)
+        weff = cast(w + offset, w_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
     dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(row_start, row_end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
@@ -133,7 +136,8 @@ def _rms_norm_bwd_kernel(
         if HAS_DH:
             # h = x + residual also leaves the op: its gradient adds straight through
             dx += tl.load(dh_ptr + rows[:, None] * dh_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + rows[:, None] * dx_row + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + rows[:, None] * dx_row + cols[None, :], cast(dx, dx_ptr.dtype.element_ty, INTERPRET),
+                 mask=mask)
         if COMPUTE_DW:
             # dw_j = sum_rows dy_j * xhat_j (masked rows load zeros and add nothing)
             dw_acc += dy * xhat
@@ -196,7 +200,8 @@ def rms_norm_fwd(x, weight, eps, offset, casting, residual=None, tile=None, num_
     _rms_norm_fwd_kernel[(triton.cdiv(m, block_m),)](
         x2, r2, h2, weight.contiguous(), y2, rstd, m, n,
         x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0), float(eps), float(offset),
-        HAS_RESIDUAL=residual is not None, GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        HAS_RESIDUAL=residual is not None, GEMMA=gemma, BLOCK_M=block_m, BLOCK_N=block_n,
+        INTERPRET=interpreting(x), num_warps=num_warps,
     )
     return y, h, rstd
 
@@ -231,7 +236,7 @@ def rms_norm_bwd(dy, dh, x, weight, rstd, offset, casting, compute_dw, tile=None
         dy2, dh2, x2, weight.contiguous(), rstd, dx2, dw_part, m, n,
         dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0), rows_per_program, float(offset),
         HAS_DH=dh is not None, GEMMA=casting == "gemma", COMPUTE_DW=compute_dw,
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, INTERPRET=interpreting(x), num_warps=num_warps,
     )
     # stage 2 of the dw reduction: (programs, N) fp32 -> (N,), rounded once to w's dtype
     dw = dw_part.sum(0).to(weight.dtype) if compute_dw else None

@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import pick_backend
+from ._dispatch import interpreting, pick_backend
+from ._triton import cast
 
 # Elements per half-tile (heads x D/2) per loop step: 4096 keeps q for Llama-3-8B (32 heads x 64) in one step
 # with 32 fp32 values per thread per half at 4 warps. Measured (H200, 32 + 8 heads x 128, bf16): forward
@@ -39,6 +40,7 @@ def _rotate_heads(
     H,  # number of heads
     c, s,  # (1, BLOCK_HALF) fp32 cos and (signed) sin of this token
     HALF: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr,
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     j = tl.arange(0, BLOCK_HALF)[None, :]
     for h0 in range(0, H, BLOCK_H):
@@ -47,8 +49,8 @@ def _rotate_heads(
         x1 = tl.load(x_ptr + h * x_sh + j, mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(x_ptr + h * x_sh + j + HALF, mask=mask, other=0.0).to(tl.float32)
         # out1 = x1 c - x2 s ; out2 = x2 c + x1 s   (s already carries the direction's sign)
-        tl.store(o_ptr + h * o_sh + j, (x1 * c - x2 * s).to(o_ptr.dtype.element_ty), mask=mask)
-        tl.store(o_ptr + h * o_sh + j + HALF, (x2 * c + x1 * s).to(o_ptr.dtype.element_ty), mask=mask)
+        tl.store(o_ptr + h * o_sh + j, cast(x1 * c - x2 * s, o_ptr.dtype.element_ty, INTERPRET), mask=mask)
+        tl.store(o_ptr + h * o_sh + j + HALF, cast(x2 * c + x1 * s, o_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -67,6 +69,7 @@ def _rope_kernel(
     HALF: tl.constexpr,  # D / 2
     BLOCK_HALF: tl.constexpr,  # next power of two >= HALF
     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr,  # heads per loop step
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     tok = tl.program_id(0).to(tl.int64)  # int64: token * stride can pass 2^31
     b = tok // T
@@ -78,9 +81,9 @@ def _rope_kernel(
     if INVERSE:
         s = -s
     _rotate_heads(q_ptr + b * q_sb + t * q_st, qo_ptr + b * qo_sb + t * qo_st, q_sh, qo_sh, HQ, c, s,
-                  HALF, BLOCK_HALF, BLOCK_HQ)
+                  HALF, BLOCK_HALF, BLOCK_HQ, INTERPRET)
     _rotate_heads(k_ptr + b * k_sb + t * k_st, ko_ptr + b * ko_sb + t * ko_st, k_sh, ko_sh, HK, c, s,
-                  HALF, BLOCK_HALF, BLOCK_HK)
+                  HALF, BLOCK_HALF, BLOCK_HK, INTERPRET)
 
 
 def _check(q, k, cos, sin, position_ids):
@@ -131,7 +134,7 @@ def rope_fwd(q, k, cos, sin, position_ids, inverse=False, half_tile=None, num_wa
         qo.stride(0), qo.stride(1), qo.stride(2), ko.stride(0), ko.stride(1), ko.stride(2),
         cos.stride(0), pos.stride(0), pos.stride(1),
         INVERSE=inverse, HALF=half, BLOCK_HALF=block_half, BLOCK_HQ=block_hq, BLOCK_HK=block_hk,
-        num_warps=num_warps or NUM_WARPS,
+        INTERPRET=interpreting(q), num_warps=num_warps or NUM_WARPS,
     )
     return qo, ko
 

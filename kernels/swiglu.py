@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import pick_backend
+from ._dispatch import interpreting, pick_backend
+from ._triton import cast
 
 # Elementwise tiles of BLOCK elements (rows x columns; short rows share a program): 1024 over 4 warps is 8 per
 # thread, one 16-byte load of bf16 per tensor per thread; the grid then has ~100k programs at Llama-3-8B sizes,
@@ -45,6 +46,7 @@ def _swiglu_fwd_kernel(
     M, N,  # rows, row length
     g_row, u_row, y_row,  # row strides in elements
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,7 +56,7 @@ def _swiglu_fwd_kernel(
     g = tl.load(g_ptr + row * g_row + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
     s, _ = _sigmoid_pair(g)
-    tl.store(y_ptr + row * y_row + cols, (g * s * u).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * y_row + cols, cast(g * s * u, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -67,6 +69,7 @@ def _swiglu_bwd_kernel(
     M, N,  # rows, row length
     dy_row, g_row, u_row, dg_row, du_row,  # row strides in elements
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -78,9 +81,9 @@ def _swiglu_bwd_kernel(
     u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
     s, one_minus_s = _sigmoid_pair(g)
     # dup = dy silu(g) ; dgate = dy up s (1 + g (1 - s))
-    tl.store(du_ptr + row * du_row + cols, (dy * g * s).to(du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + row * dg_row + cols, (dy * u * s * (1.0 + g * one_minus_s)).to(dg_ptr.dtype.element_ty),
-             mask=mask)
+    tl.store(du_ptr + row * du_row + cols, cast(dy * g * s, du_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(dg_ptr + row * dg_row + cols,
+             cast(dy * u * s * (1.0 + g * one_minus_s), dg_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 def _rows(t, n):
@@ -114,7 +117,8 @@ def swiglu_fwd(gate, up, block=None, num_warps=None):
     y2 = y.view(-1, n)
     if y.numel():
         grid, cfg = _launch(g2.shape[0], n, block, num_warps)
-        _swiglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0), **cfg)
+        _swiglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0),
+                                 INTERPRET=interpreting(y), **cfg)
     return y
 
 
@@ -128,7 +132,8 @@ def swiglu_bwd(dy, gate, up, block=None, num_warps=None):
         grid, cfg = _launch(g2.shape[0], n, block, num_warps)
         _swiglu_bwd_kernel[grid](
             dy2, g2, u2, dg2, du2, g2.shape[0], n,
-            dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), **cfg)
+            dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),
+            INTERPRET=interpreting(dg), **cfg)
     return dg, du
 
 

@@ -22,21 +22,13 @@ import triton
 import triton.language as tl
 
 from ..kernels._dispatch import interpreting, pick_backend
+from ..kernels._triton import cast
 
 # Output elements per program ~ NBLK * blocksize: 64 blocks of 64 = 4096 values (8 KiB of bf16 written, 2 KiB
 # read), >14k programs at the 4096 x 14336 benchmark shape, 2 warps each. Chosen by tools/bench_nf4.py --sweep
 # on an H200 (see BENCH notes in the report of issue 4).
 ELEMENTS_PER_PROGRAM = 4096
 NUM_WARPS = 2
-
-
-@triton.jit
-def round_bf16_by_bits(x):
-    """fp32 -> bf16, round to nearest even, with integer ops (finite x). The Triton interpreter's fp32->bf16
-    cast truncates, so kernels take this path when interpreting (ROUND_BY_BITS) and cvt.rn elsewhere."""
-    u = x.to(tl.uint32, bitcast=True)
-    u = u + 0x7FFF + ((u >> 16) & 1)
-    return (u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
 @triton.jit
@@ -77,7 +69,7 @@ def _dequant_nf4_kernel(
     NBLK: tl.constexpr,  # blocks per program
     NESTED: tl.constexpr,  # double quantization
     NESTED_BS: tl.constexpr,  # absmax values per nested block (256)
-    ROUND_BY_BITS: tl.constexpr,  # bf16 output on the interpreter: round with integer ops (its cast truncates)
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (kernels/_triton.py)
 ):
     pid = tl.program_id(0).to(tl.int64)  # 64-bit offsets: embedding-sized tensors pass 2^31 elements
     blk = pid * NBLK + tl.arange(0, NBLK)  # (NBLK,) block ids
@@ -88,9 +80,7 @@ def _dequant_nf4_kernel(
     vals = nf4_words(w, qmap_ptr) * absmax[:, None, None]  # (NBLK, WB, 8)
     vals = tl.reshape(vals, (NBLK, 8 * WB))
     elem = blk[:, None] * (8 * WB) + tl.arange(0, 8 * WB)[None, :]
-    if ROUND_BY_BITS:
-        vals = round_bf16_by_bits(vals)
-    tl.store(out_ptr + elem, vals.to(out_ptr.dtype.element_ty), mask=elem < n)
+    tl.store(out_ptr + elem, cast(vals, out_ptr.dtype.element_ty, INTERPRET), mask=elem < n)
 
 
 def packed_words(packed):
@@ -147,6 +137,6 @@ def launch_dequant(w, out, elements_per_program, num_warps):
     _dequant_nf4_kernel[(triton.cdiv(nblocks, nblk),)](
         packed_words(w.packed), *absmax_buffers(w), w.quant_map, out, w.numel,
         WB=w.blocksize // 8, NBLK=nblk, NESTED=w.double_quant, NESTED_BS=w.nested_blocksize,
-        ROUND_BY_BITS=out.dtype == torch.bfloat16 and interpreting(out),
+        INTERPRET=interpreting(out),
         num_warps=num_warps, enable_fp_fusion=False,
     )

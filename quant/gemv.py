@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ..kernels._dispatch import interpreting, pick_backend
-from .dequant import absmax_buffers, load_absmax, nf4_words, packed_words, round_bf16_by_bits
+from ..kernels._triton import cast
+from .dequant import absmax_buffers, load_absmax, nf4_words, packed_words
 
 # Rows per program and words (8 weights each) of a row per loop step on the ALIGNED path, measured on an H200
 # (.bench sweep, bf16 x): 2 x 256 with 4 warps gives 10.6 us at 1024 x 4096 and 45 us at 14336 x 4096 (best
@@ -50,7 +51,7 @@ def _gemv_nf4_kernel(
     ALIGNED: tl.constexpr,  # K % blocksize == 0: rows are whole words and whole blocks
     BLOCK_N: tl.constexpr,  # rows per program
     BLOCK_K: tl.constexpr,  # ALIGNED: words of a row per step; else elements per step
-    ROUND_BY_BITS: tl.constexpr,  # bf16 on the interpreter (its fp32->bf16 cast truncates)
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (kernels/_triton.py)
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
@@ -67,9 +68,7 @@ def _gemv_nf4_kernel(
                             NESTED_BS)
             v = nf4_words(w, qmap_ptr) * a[:, :, None]  # (BLOCK_N, BLOCK_K, 8)
             # the 16-bit weight, as dequantize(x.dtype) returns it
-            if ROUND_BY_BITS:
-                v = round_bf16_by_bits(v)
-            v = v.to(x_ptr.dtype.element_ty).to(tl.float32)
+            v = cast(v, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
             xk = cols[:, None] * 8 + tl.arange(0, 8)[None, :]  # (BLOCK_K, 8): x of those words' elements
             xs = tl.load(x_ptr + xk, mask=col_ok[:, None], other=0.0).to(tl.float32)
             acc += tl.sum(v * xs[None, :, :], axis=2)
@@ -82,14 +81,10 @@ def _gemv_nf4_kernel(
             idx = (q >> (4 - 4 * (flat % 2)).to(tl.uint8)) & 15
             a = load_absmax(absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr, flat // BS, mask, NESTED, NESTED_BS)
             v = tl.load(qmap_ptr + idx.to(tl.int32)) * a
-            if ROUND_BY_BITS:
-                v = round_bf16_by_bits(v)
-            v = v.to(x_ptr.dtype.element_ty).to(tl.float32)
+            v = cast(v, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
             acc += v * tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
     y = tl.sum(acc, axis=1)
-    if ROUND_BY_BITS:
-        y = round_bf16_by_bits(y)
-    tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(y_ptr + rows, cast(y, y_ptr.dtype.element_ty, INTERPRET), mask=row_ok)
 
 
 def _check(x, w):
@@ -135,5 +130,5 @@ def launch_gemv(x, w, y, block_n, block_w, num_warps):
         x, w.packed, words, *absmax_buffers(w), w.quant_map, y, n, k, k // 8,
         BS=w.blocksize, NESTED=w.double_quant, NESTED_BS=w.nested_blocksize, ALIGNED=aligned,
         BLOCK_N=block_n, BLOCK_K=block_w if aligned else BLOCK_K_GENERAL,
-        ROUND_BY_BITS=x.dtype == torch.bfloat16 and interpreting(x), num_warps=num_warps, enable_fp_fusion=False,
+        INTERPRET=interpreting(x), num_warps=num_warps, enable_fp_fusion=False,
     )

@@ -1,0 +1,145 @@
+"""Gradient checkpointing per decoder layer, optionally with the layer inputs offloaded to pinned CPU memory.
+
+Checkpointing keeps only each layer's input x and recomputes the layer in backward (Chen et al. 2016,
+arXiv:1604.06174): activation memory drops from all of every layer's intermediates to one (batch, seq, hidden)
+tensor per layer, plus one layer's intermediates at a time during backward. At long context even those
+per-layer inputs add up (Llama-3.1-8B: 32 layers x seq x 4096 x 2 bytes = 256 KiB per token), so with
+`offload=True` each input is copied to pinned host memory on a side CUDA stream during the forward (the GPU
+copy is freed once the copy is done) and copied back for the recomputation; while layer i recomputes, the input
+of layer i-1 is already on its way back (prefetch), so the transfers hide behind compute when PCIe keeps up.
+
+The autograd function (reentrant style, written out rather than torch.utils.checkpoint so that the saved
+input can be moved):
+
+    forward:  stash x; y = layer(x) without recording; remember the RNG state (dropout masks)
+    backward: x = unstash; y = layer(x) recorded, with the same RNG state; (dx, d params) = vjp(y, dy)
+
+The layer's trainable parameters are explicit inputs of the function, so their gradients flow back as its
+outputs even when x itself needs no gradient (layer 0 under frozen embeddings).
+"""
+import torch
+
+
+class _Keep:
+    """No offload: the input stays where it is."""
+
+    def save(self, x):
+        return x
+
+    def load(self, handle):
+        return handle
+
+
+class Offloader:
+    """Layer inputs in pinned host memory, copied on a side stream, with one layer of prefetch in backward.
+
+    Saved inputs are numbered in forward order; loading number i starts bringing back number i - 1 (the
+    previous layer's input, the next one the backward needs). On CPU tensors there is nothing to offload to: the
+    input is kept as a separate copy, so that the code path (save -> load -> recompute) is the GPU's."""
+
+    def __init__(self):
+        self.slots = {}      # number -> (host tensor, copy-done event or None, device)
+        self.fetched = {}    # number -> device tensor (CPU) or (device tensor, arrival event) (CUDA)
+        self.count = 0
+        self.stream = None
+
+    def _side_stream(self, device):
+        if self.stream is None or self.stream.device != device:
+            self.stream = torch.cuda.Stream(device)
+        return self.stream
+
+    def save(self, x):
+        n = self.count
+        self.count += 1
+        if not x.is_cuda:
+            self.slots[n] = (x.detach().clone(), None, x.device)
+            return n
+        stream = self._side_stream(x.device)
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)  # torch's caching host allocator reuses these
+        stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully written before the copy reads it
+        with torch.cuda.stream(stream):
+            host.copy_(x, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(stream)
+        x.record_stream(stream)  # the allocator must not hand x's memory out before the copy has read it
+        self.slots[n] = (host, done, x.device)
+        return n
+
+    def _fetch(self, n):
+        if n in self.fetched or n not in self.slots:
+            return
+        host, done, device = self.slots.pop(n)
+        if device.type != "cuda":
+            self.fetched[n] = host
+            return
+        stream = self._side_stream(device)
+        with torch.cuda.stream(stream):
+            stream.wait_event(done)
+            x = host.to(device, non_blocking=True)
+            arrived = torch.cuda.Event()
+            arrived.record(stream)
+        self.fetched[n] = (x, arrived)
+
+    def load(self, n):
+        self._fetch(n)
+        self._fetch(n - 1)  # the previous layer's input travels while this layer recomputes
+        ready = self.fetched.pop(n)
+        if isinstance(ready, torch.Tensor):
+            return ready
+        x, arrived = ready
+        current = torch.cuda.current_stream(x.device)
+        current.wait_event(arrived)
+        x.record_stream(current)
+        return x
+
+
+class CheckpointFunction(torch.autograd.Function):
+    """apply(run, stash, x, *params): y = run(x) recomputed in backward; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx, run, stash, x, *params):
+        ctx.run, ctx.stash = run, stash
+        ctx.cpu_rng = torch.get_rng_state()
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.handle = stash.save(x)
+        ctx.save_for_backward(*params)
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, dy):
+        params = ctx.saved_tensors
+        need_x, need_p = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        x = ctx.stash.load(ctx.handle).detach().requires_grad_(need_x)
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)  # the same dropout masks as in the forward
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            y = ctx.run(x)
+        wanted = ([x] if need_x else []) + [p for p, need in zip(params, need_p) if need]
+        grads = list(torch.autograd.grad(y, wanted, dy, allow_unused=True))
+        dx = grads.pop(0) if need_x else None
+        return (None, None, dx, *[grads.pop(0) if need else None for need in need_p])
+
+
+class LayerCheckpointing:
+    """The decoder's `run_layer` hook: run_layer(layer, x, rope, doc_ids) -> the layer's output, checkpointed."""
+
+    def __init__(self, offload: bool = False):
+        self.offload = offload
+        self.stash = Offloader() if offload else _Keep()
+
+    def __call__(self, layer, x, rope, doc_ids):
+        params = [p for p in layer.parameters() if p.requires_grad]
+        return CheckpointFunction.apply(lambda inp: layer(inp, rope, doc_ids), self.stash, x, *params)
+
+
+def enable_checkpointing(model, offload: bool = False):
+    """Checkpoint every decoder layer of `model` (offload: layer inputs to pinned CPU memory). Returns the hook;
+    `disable_checkpointing(model)` removes it."""
+    model.model.run_layer = LayerCheckpointing(offload)
+    return model.model.run_layer
+
+
+def disable_checkpointing(model):
+    model.model.run_layer = None
