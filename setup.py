@@ -16,7 +16,7 @@ setup(
     python_requires=">=3.10",
     package_dir={"hare": ".", **{f"hare.{p}": p for p in SUBPACKAGES}},
     packages=["hare"] + [f"hare.{p}" for p in SUBPACKAGES],
-    package_data={"hare": ["data/*.jsonl"]},
+    package_data={"hare.tools": ["data/*.jsonl"]},
     install_requires=[
         "torch>=2.6",
         "triton>=3.2",

