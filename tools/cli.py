@@ -13,7 +13,12 @@ def _convert(args):
 def _generate(args):
     from .. import generate, load_model, load_tokenizer
 
-    model = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision)
+    model = load_model(args.model, dtype=args.dtype, device=args.device, revision=args.revision,
+                       load_in_4bit=args.load_in_4bit)
+    if args.adapter:
+        from ..engine.checkpoint import load_adapter
+
+        load_adapter(model, args.adapter)
     tok = load_tokenizer(args.model, revision=args.revision)
     stream = (lambda i, text: print(text, end="", flush=True)) if not args.no_stream else None
     for prompt in args.prompt:
@@ -29,7 +34,8 @@ def _train(args, cfg):
 
     device = args.device or ("cuda" if _cuda() else "cpu")
     dtype = args.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    model = load_model(args.model, dtype=dtype, device=device, revision=args.revision)
+    model = load_model(args.model, dtype=dtype, device=device, revision=args.revision,
+                       load_in_4bit=args.load_in_4bit)
     tok = load_tokenizer(args.model, revision=args.revision)
     result = train(model, tok, args.data, cfg, eval_data=args.eval_data)
     last = f"{result.losses[-1]:.4f}" if result.losses else "-"
@@ -88,6 +94,8 @@ def main(argv=None):
     g.add_argument("--dtype", default=None)
     g.add_argument("--device", default=None)
     g.add_argument("--no-stream", action="store_true")
+    g.add_argument("--adapter", default=None, help="a PEFT LoRA adapter directory to apply")
+    g.add_argument("--load-in-4bit", action="store_true", help="quantize the base to NF4 while loading")
     g.set_defaults(fn=_generate)
 
     t = sub.add_parser("train", allow_abbrev=False,
@@ -100,6 +108,7 @@ def main(argv=None):
     t.add_argument("--revision", default=None)
     t.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on the CPU")
     t.add_argument("--device", default=None)
+    t.add_argument("--load-in-4bit", action="store_true", help="QLoRA: quantize the base to NF4 while loading")
     t.set_defaults(fn=_train)
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> 16-bit HF checkpoint")

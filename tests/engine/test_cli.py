@@ -66,3 +66,14 @@ def test_train_rejects_unknown_options_and_bad_data(model_dir, tmp_path, capsys)
     assert "bad.jsonl:2: malformed JSON" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["merge", "--model", model_dir, "--adapter", "x", "--out", "y", "--lr=1"])
+
+
+def test_qlora_train_then_generate_with_the_adapter(model_dir, tmp_path, capsys):
+    out = tmp_path / "qrun"
+    rc = main(["train", "--model", model_dir, "--data", _data(tmp_path, RECORDS), "--max_steps", "2",
+               f"--output_dir={out}", "--progress=false", "--lora.r=4", "--max-seq-length=64", "--load-in-4bit"])
+    assert rc == 0
+    assert "trained 2 steps" in capsys.readouterr().out
+    rc = main(["generate", "--model", model_dir, "--adapter", str(out / "adapter"), "--load-in-4bit",
+               "--prompt", "Double 3.", "--max-new-tokens", "4", "--no-stream"])
+    assert rc == 0
