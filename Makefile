@@ -27,8 +27,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
+# GPU only. CKPT: a checkpoint written by ../shared/bench-anchors/make_ckpt.py (8B or 1B shapes, random weights).
+CKPT  ?= /tmp/ckpt_8b
+QUANT ?= 4bit
 bench: install
-	$(BIN)/python -m hare.tools.bench_kernels
+	$(BIN)/python -m hare.tools.bench_train --ckpt $(CKPT) --quant $(QUANT) --out bench_train.jsonl
+	$(BIN)/python -m hare.tools.bench_kernels --out bench_kernels.json
 
 lint: install
 	$(BIN)/python -m pyflakes . 2>/dev/null || true

@@ -1,0 +1,116 @@
+"""`make bench`: hare's LoRA / QLoRA training step, measured exactly like the anchor harness
+(../shared/bench-anchors/bench_lora.py) so that one GPU run compares hare with Unsloth / HF+PEFT side by side.
+
+Same setup as the anchors: a checkpoint written by the anchors' make_ckpt.py (Llama-3.1-8B or 3.2-1B shapes,
+seeded random bf16 weights), LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down, bf16 base, torch AdamW (fused)
+lr 2e-4, random token ids with labels = inputs from the same seeded generator, 3 warm-up + 10 timed steps,
+tokens/s of the median step, peak max_memory_allocated. Appends one JSON line with the anchors' field names.
+
+    python -m hare.tools.bench_train --ckpt /tmp/ckpt_8b --quant 4bit --out results.jsonl [--seq 2048 --bs 4]
+"""
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+
+def gib(x):
+    return round(x / 2**30, 3)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (the anchors' make_ckpt.py output)")
+    p.add_argument("--model", default="8b", help="label only: 8b / 1b / tiny")
+    p.add_argument("--quant", default="4bit", choices=["4bit", "16bit"])
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--bs", type=int, default=4)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--gc", default="on", choices=["on", "off", "offload"],
+                   help="gradient checkpointing per layer: on (the anchor table), off, or on with CPU offload")
+    p.add_argument("--vocab", type=int, default=128256, help="token ids are drawn below this")
+    p.add_argument("--out", required=True)
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+
+    rec = dict(system=f"hare_{args.quant}", gc=args.gc, model=args.model, seq=args.seq, bs=args.bs,
+               tokens_per_step=args.seq * args.bs, warmup=args.warmup, steps=args.steps, tag=args.tag,
+               status="started")
+    t0 = time.time()
+    try:
+        import torch
+
+        import hare
+
+        cuda = torch.cuda.is_available()
+        dev = "cuda" if cuda else "cpu"
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        rec.update(torch=torch.__version__, hare=hare.__version__)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        tl = time.time()
+        model = hare.load_model(args.ckpt, dtype=torch.bfloat16 if cuda else torch.float32, device=dev,
+                                load_in_4bit=args.quant == "4bit")
+        hare.apply_lora(model, r=16, alpha=16, dropout=0.0,
+                        targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+        if args.gc != "off":
+            hare.enable_checkpointing(model, offload=args.gc == "offload")
+        sync()
+        rec["load_s"] = round(time.time() - tl, 1)
+        if cuda:
+            rec["load_peak_alloc_gib"] = gib(torch.cuda.max_memory_allocated())
+            rec["after_load_alloc_gib"] = gib(torch.cuda.memory_allocated())
+        params = [q for q in model.parameters() if q.requires_grad]
+        rec["trainable_params"] = sum(q.numel() for q in params)
+        rec["trainable_dtypes"] = sorted({str(q.dtype) for q in params})
+        model.train()
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=cuda)
+        g = torch.Generator(device=dev).manual_seed(1234)
+        n = args.warmup + args.steps
+        batches = torch.randint(0, args.vocab, (n, args.bs, args.seq), device=dev, generator=g)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        losses, times = [], []
+        for i in range(n):
+            ids = batches[i]
+            sync()
+            t = time.perf_counter()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync()
+            times.append(time.perf_counter() - t)
+            losses.append(float(loss.detach().float().item()))
+            if i == 0:
+                rec["first_step_s_since_start"] = round(time.time() - t0, 1)
+            print(f"step {i} {'warm' if i < args.warmup else 'timed'} {times[-1] * 1000:.1f} ms "
+                  f"loss {losses[-1]:.5f}", flush=True)
+        med = statistics.median(times[args.warmup:])
+        rec.update(status="ok", step_times_s=[round(x, 4) for x in times], losses=losses,
+                   median_step_s=round(med, 4), tokens_per_s=round(args.seq * args.bs / med, 1),
+                   mean_tokens_per_s=round(args.seq * args.bs * args.steps / sum(times[args.warmup:]), 1),
+                   first_loss=losses[0], last_loss=losses[-1])
+        if cuda:
+            rec.update(peak_alloc_gib=gib(torch.cuda.max_memory_allocated()),
+                       peak_reserved_gib=gib(torch.cuda.max_memory_reserved()))
+        print("RESULT tok/s", rec["tokens_per_s"], "peak alloc", rec.get("peak_alloc_gib"), flush=True)
+    except BaseException as e:  # record OOM / errors in the same JSON shape, then fail
+        rec["status"] = "oom" if "out of memory" in str(e).lower() else "error"
+        rec["error"] = f"{type(e).__name__}: {str(e)[:800]}"
+        rec["traceback_tail"] = traceback.format_exc()[-3000:]
+        print(rec["traceback_tail"], flush=True)
+        rc = 1
+    else:
+        rc = 0
+    rec["wall_s"] = round(time.time() - t0, 1)
+    with open(args.out, "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
