@@ -146,10 +146,25 @@ def save_adapter(model, out_dir, base_model_name_or_path=None):
     """Write the model's adapter in PEFT format (adapter_config.json + adapter_model.safetensors), each file
     atomically. Returns out_dir."""
     cfg = _config_of(model)
+    check_peft_exportable(model, out_dir)
     os.makedirs(out_dir, exist_ok=True)
     _write_tensors(os.path.join(out_dir, ADAPTER_WEIGHTS), adapter_state_dict(model), metadata={"format": "pt"})
     _write_json(os.path.join(out_dir, ADAPTER_CONFIG), adapter_config_json(cfg, base_model_name_or_path))
     return out_dir
+
+
+def check_peft_exportable(model, where):
+    """Refuse adapters on modules that the family's checkpoints fuse (Phi-3's q/k/v -> qkv_proj, gate/up ->
+    gate_up_proj): PEFT on the Hugging Face model would silently drop them."""
+    from .lora import _fused_names
+
+    split = {part: fused for fused, parts in _fused_names(model).items() for part in parts}
+    lost = sorted(t for t in _config_of(model).targets if t in split)
+    if lost:
+        raise CheckpointError(
+            f"{where}: adapters on {lost} cannot be written in PEFT format: this family's checkpoints fuse them "
+            f"({', '.join(sorted({split[t] for t in lost}))}), and PEFT would silently drop them. Target the "
+            f"other projections (e.g. o_proj, down_proj).")
 
 
 def read_adapter_config(adapter_dir) -> LoRAConfig:

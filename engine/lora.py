@@ -139,36 +139,53 @@ def apply_lora(model: nn.Module, config: Optional[LoRAConfig] = None, backend=No
         config = LoRAConfig(**{**{n: getattr(config, n) for n in names}, **overrides})
     if getattr(model, "lora_config", None) is not None:
         raise ValueError("the model already has LoRA adapters (merge them first, or load into a fresh model)")
+    # Find every target first and refuse before touching the model: a failed call leaves it as it was.
+    found = [(path, module) for path, module in model.named_modules()
+             if path.rpartition(".")[2] in config.targets and _is_projection(module)
+             and not isinstance(module, LoRALinear) and ".lora_" not in path]
+    missing = [t for t in config.targets if not any(p.rpartition(".")[2] == t for p, _ in found)]
+    if missing:
+        names = sorted({p.rpartition(".")[2] for p, m in model.named_modules()
+                        if _is_projection(m) and ".lora_" not in p} - {"lm_head"})
+        fused = _fused_names(model)
+        hint = [f"{t} is split by this family into {', '.join(fused[t])}" for t in missing if t in fused]
+        raise ValueError(f"targets {missing} match no projection of the model; projections are {names}"
+                         + (f" ({'; '.join(hint)})" if hint else ""))
+    if any(path == "lm_head" for path, _ in found):
+        raise ValueError("lm_head cannot take a LoRA adapter here; use train_lm_head=True to train it fully")
+    if config.train_lm_head and getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError("train_lm_head: this model ties lm_head to the embeddings; set train_embeddings")
     for p in model.parameters():
         p.requires_grad_(False)
     generator = None
     if config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)
     dtype = DTYPES[config.adapter_dtype]
-    found = []
-    for path, module in list(model.named_modules()):
-        name = path.rpartition(".")[2]
-        if name not in config.targets or not _is_projection(module) or isinstance(module, LoRALinear):
-            continue
-        if path == "lm_head":
-            raise ValueError("lm_head cannot take a LoRA adapter here; use train_lm_head=True to train it fully")
+    for path, module in found:
         cls = LoRALinear4bit if isinstance(module, Linear4bit) else LoRALinear
         lora = cls(module, config.r, config.scale, config.dropout, dtype, backend, generator)
         parent, _, child = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, lora)
-        found.append(path)
-    missing = [t for t in config.targets if not any(p.rpartition(".")[2] == t for p in found)]
-    if missing:
-        names = sorted({p.rpartition(".")[2] for p, m in model.named_modules() if _is_projection(m)} - {"lm_head"})
-        raise ValueError(f"targets {missing} match no projection of the model; projections are {names}")
     if config.train_embeddings:
         model.model.embed_tokens.weight.requires_grad_(True)
     if config.train_lm_head:
-        if getattr(model.config, "tie_word_embeddings", False):
-            raise ValueError("train_lm_head: this model ties lm_head to the embeddings; set train_embeddings")
         model.lm_head.weight.requires_grad_(True)
     model.lora_config = config
     return model
+
+
+def _fused_names(model) -> dict:
+    """Fused checkpoint module names of the model's family -> the modules hare splits them into
+    (e.g. Phi-3: qkv_proj -> q_proj, k_proj, v_proj), from the family's SPLITS table."""
+    from ..models.registry import family_for
+
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return {}
+    out = {}
+    for fused, parts in family_for(cfg.model_type).SPLITS.items():
+        out[fused.rpartition(".")[0].rpartition(".")[2]] = [p.rpartition(".")[0].rpartition(".")[2] for p in parts]
+    return out
 
 
 def lora_modules(model: nn.Module):

@@ -30,7 +30,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
+from .checkpoint import check_peft_exportable, latest_checkpoint, load_checkpoint, save_adapter, save_checkpoint
 from .data import DataError, Dataset, epoch_batches, n_targets, prepare, split
 from .lora import LoRAConfig, apply_lora, trainable_parameters
 from .offload import disable_checkpointing, enable_checkpointing
@@ -168,6 +168,7 @@ def train(model, tokenizer, data, config: Optional[TrainConfig] = None, eval_dat
     if getattr(model, "lora_config", None) is None:
         lora = cfg.lora if cfg.lora.seed is not None else dataclasses.replace(cfg.lora, seed=cfg.seed)
         apply_lora(model, lora)
+    check_peft_exportable(model, "train")  # the adapter is written in PEFT format at the end: refuse now, not then
     device = next(model.parameters()).device
     os.makedirs(cfg.output_dir, exist_ok=True)
 

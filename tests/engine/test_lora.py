@@ -296,3 +296,31 @@ def test_fully_trained_head_and_embeddings_round_trip_with_peft(tiny_llama, tmp_
     with pytest.raises(ValueError, match="ties"):
         from tests.engine.conftest import save_tiny_llama
         apply_lora(load_model(str(save_tiny_llama(tmp_path / "tied", tie_word_embeddings=True))), train_lm_head=True)
+
+
+def test_apply_lora_refuses_before_changing_the_model(tiny_llama):
+    from hare import apply_lora, load_model
+
+    m = load_model(tiny_llama)
+    with pytest.raises(ValueError, match=r"\['qkv_proj'\] match no projection"):
+        apply_lora(m, targets=("o_proj", "qkv_proj"))
+    assert getattr(m, "lora_config", None) is None
+    assert not any(".lora_" in n for n, _ in m.named_parameters())
+    apply_lora(m, targets=("o_proj",))  # the retry works
+    assert any(n.endswith("o_proj.lora_A.weight") for n, _ in m.named_parameters())
+
+
+def test_phi3_split_targets_refused_in_peft_format(tmp_path):
+    """Phi-3 checkpoints fuse q/k/v and gate/up; PEFT would silently drop adapters on the split parts."""
+    transformers = pytest.importorskip("transformers")
+    from hare import CheckpointError, apply_lora, load_model, save_adapter
+
+    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+                                  pad_token_id=0)
+    transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / "phi3")
+    m = apply_lora(load_model(str(tmp_path / "phi3")), targets=("q_proj", "o_proj"))
+    with pytest.raises(CheckpointError, match=r"\['q_proj'\].*qkv_proj"):
+        save_adapter(m, str(tmp_path / "adapter"))
+    with pytest.raises(ValueError, match="qkv_proj is split by this family into q_proj, k_proj, v_proj"):
+        apply_lora(load_model(str(tmp_path / "phi3")), targets=("qkv_proj",))
