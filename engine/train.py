@@ -168,7 +168,7 @@ def train(model, tokenizer, data, config: Optional[TrainConfig] = None, eval_dat
     if getattr(model, "lora_config", None) is None:
         lora = cfg.lora if cfg.lora.seed is not None else dataclasses.replace(cfg.lora, seed=cfg.seed)
         apply_lora(model, lora)
-    check_peft_exportable(model, "train")  # the adapter is written in PEFT format at the end: refuse now, not then
+    check_peft_exportable(model, "train")  # the adapter is written in PEFT format (whole fused groups): refuse now
     device = next(model.parameters()).device
     os.makedirs(cfg.output_dir, exist_ok=True)
 

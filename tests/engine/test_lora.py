@@ -310,17 +310,134 @@ def test_apply_lora_refuses_before_changing_the_model(tiny_llama):
     assert any(n.endswith("o_proj.lora_A.weight") for n, _ in m.named_parameters())
 
 
-def test_phi3_split_targets_refused_in_peft_format(tmp_path):
-    """Phi-3 checkpoints fuse q/k/v and gate/up; PEFT would silently drop adapters on the split parts."""
+def _tiny_phi3(root):
     transformers = pytest.importorskip("transformers")
-    from hare import CheckpointError, apply_lora, load_model, save_adapter
+    torch.manual_seed(0)
+    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                  pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    transformers.Phi3ForCausalLM(cfg).save_pretrained(root / "phi3")
+    return str(root / "phi3")
 
-    cfg = transformers.Phi3Config(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                  num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
-                                  pad_token_id=0)
-    transformers.Phi3ForCausalLM(cfg).save_pretrained(tmp_path / "phi3")
-    m = apply_lora(load_model(str(tmp_path / "phi3")), targets=("q_proj", "o_proj"))
-    with pytest.raises(CheckpointError, match=r"\['q_proj'\].*qkv_proj"):
+
+def _phi3_hf(path):
+    transformers = pytest.importorskip("transformers")
+    return transformers.Phi3ForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_phi3_adapters_on_split_modules_export_fused_to_peft(tmp_path, rslora):
+    """hare's adapters on Phi-3's q/k/v and gate/up (split from the checkpoint's qkv_proj / gate_up_proj) are
+    written as one adapter per fused module, A = cat, B = block-diagonal, rank and alpha scaled by the number of
+    parts: peft gives the same logits, and hare reads the file back bit for bit."""
+    from safetensors.torch import load_file
+
+    phi3 = _tiny_phi3(tmp_path)
+    model = apply_lora(load_model(phi3, dtype=torch.float32), r=3, alpha=5, seed=0, rslora=rslora)
+    _randomize_B(model)
+    save_adapter(model, str(tmp_path / "a"))
+    import json
+    config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    assert config["target_modules"] == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert config["rank_pattern"] == {"qkv_proj": 9, "gate_up_proj": 6}
+    n = {"qkv_proj": 3, "gate_up_proj": 2}
+    assert config["alpha_pattern"] == {k: 5 * (v ** 0.5 if rslora else v) for k, v in n.items()}
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    attn = dict(model.named_modules())["model.layers.1.self_attn"]
+    B = tensors["base_model.model.model.layers.1.self_attn.qkv_proj.lora_B.weight"]
+    assert torch.equal(B[32:48, 3:6], attn.k_proj.lora_B.weight) and not B[32:48, :3].any()
+    pm = peft.PeftModel.from_pretrained(_phi3_hf(phi3), str(tmp_path / "a")).eval()
+    ids, _ = _batch(4, vocab=64)
+    with torch.no_grad():
+        got = model(ids).logits
+        assert (got - pm(ids).logits).abs().max() <= 1e-5
+        with pm.disable_adapter():  # not vacuous: the adapters move the logits
+            assert (got - pm(ids).logits).abs().max() > 1e-3
+        again = load_adapter(load_model(phi3, dtype=torch.float32), str(tmp_path / "a"))
+        a, b = again.lora_config, model.lora_config
+        assert (a.r, a.alpha, a.rslora, set(a.targets)) == (b.r, b.alpha, b.rslora, set(b.targets))
+        assert torch.equal(again(ids).logits, got)
+        for (p, m), (q, n_) in zip(lora_modules(model), lora_modules(again)):
+            assert p == q and torch.equal(m.lora_A.weight, n_.lora_A.weight)
+            assert torch.equal(m.lora_B.weight, n_.lora_B.weight)
+
+
+def test_phi3_loads_fused_adapter_written_by_peft(tmp_path):
+    """peft's own adapter on qkv_proj / gate_up_proj (and o_proj), random B: each fused adapter becomes adapters
+    on the parts with a copy of A and B split by rows (the shared-A form): the same logits."""
+    phi3 = _tiny_phi3(tmp_path)
+    pm = peft.get_peft_model(_phi3_hf(phi3), peft.LoraConfig(r=4, lora_alpha=6, init_lora_weights=False,
+                                                             target_modules=["qkv_proj", "gate_up_proj", "o_proj"]))
+    pm.save_pretrained(str(tmp_path / "from_peft"))
+    model = load_adapter(load_model(phi3, dtype=torch.float32), str(tmp_path / "from_peft"))
+    cfg = model.lora_config
+    assert (cfg.r, cfg.alpha, cfg.targets) == (4, 6.0, ("gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"))
+    mods = dict(lora_modules(model))
+    assert torch.equal(mods["model.layers.0.self_attn.q_proj"].lora_A.weight,
+                       mods["model.layers.0.self_attn.v_proj"].lora_A.weight)
+    ids, _ = _batch(5, vocab=64)
+    with torch.no_grad():
+        got = model(ids).logits
+        assert (got - pm.eval()(ids).logits).abs().max() <= 1e-5
+        with pm.disable_adapter():
+            assert (got - pm(ids).logits).abs().max() > 1e-3
+
+
+def test_phi3_fused_adapter_not_block_diagonal_falls_back_to_shared_A(tmp_path):
+    """A rank_pattern adapter (as hare writes) whose qkv_proj B is non-zero off the diagonal blocks (say, trained
+    further in peft) cannot be split per part: it needs the shared-A form at rank 3r for q/k/v while gate/up split
+    at rank r, and hare has one rank: refused, naming the shapes. With qkv_proj alone it loads shared-A at rank
+    3r, with peft's logits."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from hare import CheckpointError
+
+    phi3 = _tiny_phi3(tmp_path)
+    model = apply_lora(load_model(phi3, dtype=torch.float32), r=2, alpha=3, seed=0,
+                       targets=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    _randomize_B(model)
+    save_adapter(model, str(tmp_path / "a"))
+    config = json.load(open(tmp_path / "a" / "adapter_config.json"))
+    tensors = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    g = torch.Generator().manual_seed(9)
+    for k in tensors:
+        if "qkv_proj.lora_B" in k:
+            tensors[k] = tensors[k] + 0.05 * torch.randn(tensors[k].shape, generator=g)  # off-diagonal too
+    (tmp_path / "b").mkdir()
+    json.dump(config, open(tmp_path / "b" / "adapter_config.json", "w"))
+    save_file(tensors, str(tmp_path / "b" / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="qkv_proj: adapter A .* fits neither rank 2"):
+        load_adapter(load_model(phi3, dtype=torch.float32), str(tmp_path / "b"))
+    # qkv_proj alone: shared-A at rank 6, alpha giving the same scale (9 / 6 = 3 / 2)
+    (tmp_path / "c").mkdir()
+    json.dump({**config, "target_modules": ["qkv_proj"], "rank_pattern": {"qkv_proj": 6},
+               "alpha_pattern": {"qkv_proj": 9.0}}, open(tmp_path / "c" / "adapter_config.json", "w"))
+    save_file({k: v for k, v in tensors.items() if "qkv_proj" in k}, str(tmp_path / "c" / "adapter_model.safetensors"))
+    loaded = load_adapter(load_model(phi3, dtype=torch.float32), str(tmp_path / "c"))
+    assert (loaded.lora_config.r, loaded.lora_config.targets) == (6, ("k_proj", "q_proj", "v_proj"))
+    pm = peft.PeftModel.from_pretrained(_phi3_hf(phi3), str(tmp_path / "c")).eval()
+    ids, _ = _batch(6, vocab=64)
+    with torch.no_grad():
+        assert (loaded(ids).logits - pm(ids).logits).abs().max() <= 1e-5
+
+
+def test_phi3_partial_fused_group_refused_in_peft_format(tmp_path):
+    """Part of a fused group (q_proj without k_proj, v_proj) has no PEFT form here: refused, naming the group;
+    a per-module rank on a module that is not fused is refused too; qkv_proj as a target has a hint."""
+    import json
+
+    from hare import CheckpointError
+
+    phi3 = _tiny_phi3(tmp_path)
+    m = apply_lora(load_model(phi3), targets=("q_proj", "o_proj"))
+    with pytest.raises(CheckpointError, match=r"q_proj, k_proj, v_proj \(fused qkv_proj\).*all of them or none"):
         save_adapter(m, str(tmp_path / "adapter"))
     with pytest.raises(ValueError, match="qkv_proj is split by this family into q_proj, k_proj, v_proj"):
-        apply_lora(load_model(str(tmp_path / "phi3")), targets=("qkv_proj",))
+        apply_lora(load_model(phi3), targets=("qkv_proj",))
+    save_adapter(apply_lora(load_model(phi3), targets=("o_proj", "down_proj")), str(tmp_path / "d"))
+    config = json.load(open(tmp_path / "d" / "adapter_config.json"))
+    json.dump({**config, "rank_pattern": {"o_proj": 8}}, open(tmp_path / "d" / "adapter_config.json", "w"))
+    with pytest.raises(CheckpointError, match="rank_pattern=.*only on the fused modules"):
+        load_adapter(load_model(phi3), str(tmp_path / "d"))

@@ -24,9 +24,13 @@ and 11x the control for one tensor (gemma2, fused backend) whose gradients were 
 one of the 10 states of that run. The second test checks the per-step math without that amplification.
 
 Phi-3: transformers' Phi3 has fused qkv_proj / gate_up_proj, on which peft puts one adapter per fused module,
-while hare splits them into q/k/v and gate/up modules with an adapter each: not the same model (and peft, given
-hare's q_proj/k_proj/... keys, silently adapts o_proj and down_proj only). Phi-3 is therefore tested with the
-projections that are unfused on both sides, o_proj and down_proj.
+while hare splits them into q/k/v and gate/up modules with an adapter each. hare writes those as one fused adapter
+per module, A = cat(A_q, A_k, A_v) and B = block-diagonal(B_q, B_k, B_v) (engine/checkpoint.py): the same function,
+and each hare parameter is a block of a peft parameter (_views). Trained on its own, peft would also grow the
+off-diagonal blocks of B (their gradients are not zero), a larger model than hare's; so in the first test peft's
+off-diagonal B gradients are zeroed before each step: then B stays block-diagonal (AdamW with a zero gradient and
+zero weight leaves it zero), each A block's gradient is exactly its part's, and peft trains hare's model. The
+gradient test compares every hare gradient with its block of peft's.
 """
 import pytest
 import torch
@@ -41,7 +45,6 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-PHI3 = ("o_proj", "down_proj")  # the projections unfused on both sides (module docstring)
 # family -> (a case name of test_families.CASES, or (architecture, overrides) for llama, which is not there; targets)
 FAMILIES = {
     "llama": (("Llama", {}), ALL),
@@ -51,7 +54,7 @@ FAMILIES = {
     "gemma3": ("gemma3", ALL),
     "qwen2": ("qwen2_bias_window", ALL),
     "qwen3": ("qwen3", ALL),
-    "phi3": ("phi3_longrope", PHI3),
+    "phi3": ("phi3_longrope", ALL),
 }
 T = 21  # longer than every sliding window (6 or 7) and than Phi-3's original context (16)
 R, ALPHA, LR = 4, 8, 5e-3
@@ -107,6 +110,45 @@ def _key(path, ab):
     return f"base_model.model.{path}.{ab}.default.weight"
 
 
+def _views(model):
+    """hare module path -> (peft module path, A rows, B rows, B columns): where each hare adapter sits in peft's.
+    A part of a fused module (the family's SPLITS, e.g. Phi-3's q_proj in qkv_proj) is block i: A rows
+    i r .. (i+1) r, B rows of the part (row counts of the model's modules), B columns i r .. (i+1) r; any
+    other module is the whole of peft's."""
+    from hare.models.registry import family_for
+
+    mods = dict(lora_modules(model))
+    r = model.lora_config.r
+    out = {p: (p, slice(None), slice(None), slice(None)) for p in mods}
+    for fused, parts in family_for(model.config.model_type).SPLITS.items():
+        fused, parts = fused[:-len(".weight")], [q[:-len(".weight")] for q in parts]
+        for path in [p for p in mods if p.endswith("." + parts[0])]:
+            prefix, row = path[:-len(parts[0])], 0
+            for i, part in enumerate(parts):
+                m = mods[prefix + part]
+                out[prefix + part] = (prefix + fused, slice(i * r, (i + 1) * r), slice(row, row + m.out_features),
+                                      slice(i * r, (i + 1) * r))
+                row += m.out_features
+    return out
+
+
+def _block(params, view, ab):
+    """hare's block of peft's lora_A / lora_B parameter (a view: writable, and .grad sliced the same way)."""
+    path, a_rows, b_rows, b_cols = view
+    p = params[_key(path, ab)]
+    return (p, (a_rows, slice(None))) if ab == "lora_A" else (p, (b_rows, b_cols))
+
+
+def _diagonal_masks(model, params):
+    """{peft lora_B parameter: 0/1 mask of its blocks that hold hare's B} for the fused modules."""
+    masks = {}
+    for view in _views(model).values():
+        if view[1] != slice(None):
+            p, idx = _block(params, view, "lora_B")
+            masks.setdefault(p, torch.zeros_like(p))[idx] = 1
+    return masks
+
+
 # "triton": the fused LoRA autograd functions (kernels/lora.py) that run on the GPU, activations through the
 # Triton interpreter here; "ref": the composed reference ops.
 BACKENDS = ["ref", "triton"]
@@ -123,9 +165,13 @@ def test_10_steps_match_transformers_peft(family, name, backend, tmp_path):
     pm, params = _peft(cls, path, str(tmp_path / "init"))
     mine = trainable_parameters(model)
     theirs = [p for p in pm.parameters() if p.requires_grad]
-    assert len(mine) == len(theirs) == 2 * len(targets) * model.config.num_hidden_layers
+    views = _views(model)
+    assert len(mine) == 2 * len(targets) * model.config.num_hidden_layers
+    assert len(theirs) == 2 * len({v[0] for v in views.values()})
     for p, m in lora_modules(model):  # the same starting point, read back from peft's own modules
-        assert torch.equal(params[_key(p, "lora_A")], m.lora_A.weight) and not params[_key(p, "lora_B")].any()
+        a, ia = _block(params, views[p], "lora_A")
+        assert torch.equal(a[ia], m.lora_A.weight) and not params[_key(views[p][0], "lora_B")].any()
+    masks = _diagonal_masks(model, params)  # fused modules: keep peft's B block-diagonal (module docstring)
     opt_h = torch.optim.AdamW(mine.values(), lr=LR, weight_decay=0.01)
     opt_p = torch.optim.AdamW(theirs, lr=LR, weight_decay=0.01)
     model.train()
@@ -137,6 +183,8 @@ def test_10_steps_match_transformers_peft(family, name, backend, tmp_path):
         lp = pm(input_ids=ids, labels=labels).loss
         lh.backward()
         lp.backward()
+        for p, mask in masks.items():
+            p.grad.mul_(mask)
         for opt in (opt_h, opt_p):
             opt.step()
             opt.zero_grad()
@@ -189,6 +237,7 @@ def test_loss_and_lora_gradients_within_control_every_step(family, name, backend
     p64, g64 = _peft(cls, path, str(tmp_path / "init"), torch.float64)
     opt = torch.optim.AdamW(trainable_parameters(model).values(), lr=LR, weight_decay=0.01)
     mods = lora_modules(model)
+    views = _views(model)
     for m in (model, p32, p64):
         m.train()
     losses, grads = [], {}  # grads: "path.lora_X" -> [(hare, oracle, control) normalized, per step]
@@ -197,7 +246,8 @@ def test_loss_and_lora_gradients_within_control_every_step(family, name, backend
             for p, m in mods:
                 for ab in ("lora_A", "lora_B"):
                     for g in (g32, g64):
-                        g[_key(p, ab)].copy_(getattr(m, ab).weight)
+                        t, idx = _block(g, views[p], ab)
+                        t[idx] = getattr(m, ab).weight
         ids, labels = _batch(300 + step)
         step_losses = [m(input_ids=ids, labels=labels).loss for m in (model, p32, p64)]
         for loss in step_losses:
@@ -205,7 +255,8 @@ def test_loss_and_lora_gradients_within_control_every_step(family, name, backend
         losses.append([loss.detach() for loss in step_losses])
         for p, m in mods:
             for ab in ("lora_A", "lora_B"):
-                got, want, control = getattr(m, ab).weight.grad, g64[_key(p, ab)].grad, g32[_key(p, ab)].grad
+                (t64, idx), (t32, _) = _block(g64, views[p], ab), _block(g32, views[p], ab)
+                got, want, control = getattr(m, ab).weight.grad, t64.grad[idx], t32.grad[idx]
                 scale = want.abs().max().item()
                 if step == 0 and ab == "lora_A":
                     assert scale == 0 and not got.any(), f"{name} step 0 {p}.{ab}: dA must be exactly zero"
