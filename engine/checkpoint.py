@@ -162,25 +162,19 @@ def check_peft_exportable(model, where):
 def adapter_state_dict(model) -> dict:
     """{PEFT key: tensor} of the adapter: every LoRA A/B (parts of a fused module fused, see above), plus fully
     trained embeddings / lm_head. Unfused entries are the parameters themselves; fused ones are new tensors."""
-    cfg = _config_of(model)
+    out = _own_state_dict(model)
     mods = dict(lora_modules(model))
-    out = {}
     for fused, parts in _fused_groups(model):
         for path in sorted(p for p in mods if p.endswith("." + parts[0]) or p == parts[0]):
             prefix = path[:len(path) - len(parts[0])]
-            members = [mods.pop(prefix + p, None) for p in parts]
+            members = [mods.get(prefix + p) for p in parts]
             if any(m is None for m in members):
                 raise CheckpointError(f"{prefix}{fused}: adapters on only some of its parts {list(parts)}")
+            for p in parts:
+                del out[f"{PREFIX}{prefix}{p}.lora_A.weight"], out[f"{PREFIX}{prefix}{p}.lora_B.weight"]
             out[f"{PREFIX}{prefix}{fused}.lora_A.weight"] = torch.cat([m.lora_A.weight.detach() for m in members])
             out[f"{PREFIX}{prefix}{fused}.lora_B.weight"] = torch.block_diag(*[m.lora_B.weight.detach()
                                                                              for m in members])
-    for path, m in mods.items():
-        out[f"{PREFIX}{path}.lora_A.weight"] = m.lora_A.weight
-        out[f"{PREFIX}{path}.lora_B.weight"] = m.lora_B.weight
-    if cfg.train_embeddings:
-        out[f"{PREFIX}model.embed_tokens.weight"] = model.model.embed_tokens.weight
-    if cfg.train_lm_head:
-        out[f"{PREFIX}lm_head.weight"] = model.lm_head.weight
     return out
 
 

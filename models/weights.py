@@ -177,31 +177,9 @@ def fill(model: nn.Module, directory: str, dtype, device, quantize=False):
                 if owner is not None:  # one tensor of a bitsandbytes 4-bit weight
                     bnb.setdefault(owner, {})[name] = f.get_tensor(key)
                     continue
-                parts = split_parts(name, family.SPLITS)
-                if parts is not None:
-                    _fill_split(model, f, key, parts, targets, filled, seen, unexpected, misshaped, broken,
-                                os.path.basename(path), put)
-                    continue
-                if name not in targets:
-                    unexpected.append(f"{shown} ({os.path.basename(path)})")
-                    continue
-                if name in filled or name in seen:
-                    broken.append(f"{shown} stored twice (again in {os.path.basename(path)})")
-                    continue
-                param = targets[name]
-                shape = tuple(f.get_slice(key).get_shape())
-                if shape != tuple(param.shape):
-                    misshaped.append(f"{shown}: checkpoint {shape} vs model {tuple(param.shape)}")
-                    seen.add(name)
-                    continue
-                try:
-                    t = f.get_tensor(key)
-                except Exception as e:
-                    broken.append(f"{shown} in {path}: {type(e).__name__}: {e}")
-                    seen.add(name)
-                    continue
-                put(name, t)
-                filled.add(name)
+                parts = split_parts(name, family.SPLITS) or [name]  # a fused tensor fills several modules
+                _fill_parts(f, key, shown, parts, targets, filled, seen, unexpected, misshaped, broken,
+                            os.path.basename(path), put)
     for name, tensors in bnb.items():
         _load_bnb(model, name, tensors, targets, device, filled, seen, misshaped, broken)
     missing = sorted(set(targets) - filled - seen)
@@ -280,34 +258,40 @@ def split_parts(key: str, splits: dict):
     return None
 
 
-def _fill_split(model, f, key, names, targets, filled, seen, unexpected, misshaped, broken, fname, put):
-    """Load one fused tensor into its parts, split along dim 0 by the parts' row counts (from the model)."""
+def _fill_parts(f, key, shown, names, targets, filled, seen, unexpected, misshaped, broken, fname, put):
+    """Load one checkpoint tensor into the model tensors `names`: itself, or a fused tensor split along dim 0 by
+    the parts' row counts (from the model). Every failure is recorded, not raised, so that one error lists all."""
+    fused = len(names) > 1
     absent = [n for n in names if n not in targets]
     if absent:
-        unexpected.append(f"{key} ({fname}; would fill {absent}, which the model does not have)")
+        unexpected.append(f"{shown} ({fname}; would fill {absent}, which the model does not have)" if fused
+                          else f"{shown} ({fname})")
         return
     again = [n for n in names if n in filled or n in seen]
     if again:
-        broken.append(f"{key} stored twice (its parts {again} again in {fname})")
+        broken.append(f"{shown} stored twice (again in {fname}{f'; its parts {again}' if fused else ''})")
         return
     shape = tuple(f.get_slice(key).get_shape())
     rows = [targets[n].shape[0] for n in names]
     want = (sum(rows),) + tuple(targets[names[0]].shape[1:])
     if shape != want or any(tuple(targets[n].shape[1:]) != want[1:] for n in names):
-        misshaped.append(f"{key}: checkpoint {shape} vs model {want} (= {' + '.join(map(str, rows))} rows of "
-                         f"{', '.join(names)})")
+        how = f" (= {' + '.join(map(str, rows))} rows of {', '.join(names)})" if fused else ""
+        misshaped.append(f"{shown}: checkpoint {shape} vs model {want}{how}")
         seen.update(names)
         return
     try:
         t = f.get_tensor(key)
     except Exception as e:
-        broken.append(f"{key} in {fname}: {type(e).__name__}: {e}")
+        broken.append(f"{shown} in {fname}: {type(e).__name__}: {e}")
         seen.update(names)
         return
-    for name, piece in zip(names, t.split(rows, dim=0)):
-        # clone: each part owns its storage (parts sharing one buffer could not be saved or freed alone)
-        put(name, piece.clone())
-        filled.add(name)
+    if not fused:
+        put(names[0], t)
+    else:
+        for name, piece in zip(names, t.split(rows, dim=0)):
+            # clone: each part owns its storage (parts sharing one buffer could not be saved or freed alone)
+            put(name, piece.clone())
+    filled.update(names)
 
 
 def fuse_splits(tensors: dict, splits: dict) -> dict:
