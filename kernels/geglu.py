@@ -91,8 +91,10 @@ def _geglu_bwd_kernel(
     u_ptr,  # (M, N) up, row stride u_row
     dg_ptr,  # (M, N) out: gradient of gate, row stride dg_row
     du_ptr,  # (M, N) out: gradient of up, row stride du_row
+    h_ptr,  # (M, N) out when STORE_H: the activation act(g) * u, row stride h_row
     M, N,  # rows, row length
-    dy_row, g_row, u_row, dg_row, du_row,  # row strides in elements
+    dy_row, g_row, u_row, dg_row, du_row, h_row,  # row strides in elements
+    STORE_H: tl.constexpr,  # also write the forward's output (the fused MLP needs it for down_proj's adapter)
     TANH: tl.constexpr,  # tanh approximation vs exact erf
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
@@ -108,6 +110,8 @@ def _geglu_bwd_kernel(
     act, grad = _gelu_and_grad(g, TANH)
     # dup = dy gelu(g) ; dgate = dy up gelu'(g)
     tl.store(du_ptr + row * du_row + cols, cast(dy * act, du_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if STORE_H:
+        tl.store(h_ptr + row * h_row + cols, cast(act * u, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
     tl.store(dg_ptr + row * dg_row + cols, cast(dy * u * grad, dg_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
@@ -129,19 +133,27 @@ def geglu_fwd(gate, up, approximate, block=None, num_warps=None):
     return y
 
 
-def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None):
+def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None, inplace=False):
+    """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy), h = gelu(g) up: see
+    swiglu_bwd."""
     n = gate.shape[-1]
     dy2, g2, u2 = _rows(dy, n), _rows(gate, n), _rows(up, n)
-    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    dg2, du2 = dg.view(-1, n), du.view(-1, n)
-    if dg.numel():
+    if inplace:
+        dg2, du2, h2 = g2, u2, dy2
+    else:
+        dg2 = torch.empty((g2.shape[0], n), dtype=gate.dtype, device=gate.device)
+        du2 = torch.empty((u2.shape[0], n), dtype=up.dtype, device=up.device)
+        h2 = dg2  # not written
+    if dg2.numel():
         grid, cfg = _launch(g2.shape[0], n, block, num_warps)
         _geglu_bwd_kernel[grid](
-            dy2, g2, u2, dg2, du2, g2.shape[0], n,
-            dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),
-            TANH=approximate == "tanh", INTERPRET=interpreting(dg), **cfg)
-    return dg, du
+            dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
+            dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),
+            STORE_H=inplace, TANH=approximate == "tanh", INTERPRET=interpreting(dg2), **cfg)
+    shape = gate.shape
+    if inplace:
+        return dg2.view(shape), du2.view(shape), h2.view(shape)
+    return dg2.view(shape), du2.view(shape)
 
 
 class GeGLUFunction(torch.autograd.Function):

@@ -202,45 +202,79 @@ def _act_fwd(act, g, u):
     return swiglu_fwd(g, u) if act == "silu" else geglu_fwd(g, u, _approximate(act))
 
 
-def _act_bwd(act, dh, g, u):
-    return swiglu_bwd(dh, g, u) if act == "silu" else geglu_bwd(dh, g, u, _approximate(act))
+def _act_bwd_inplace(act, dh, g, u):
+    """(dg, du, h) written over (g, u, dh): one pass, no new (tokens x intermediate) buffer."""
+    if act == "silu":
+        return swiglu_bwd(dh, g, u, inplace=True)
+    return geglu_bwd(dh, g, u, _approximate(act), inplace=True)
 
 
 class LoRAMLPFunction(torch.autograd.Function):
     """y = down(act(gate(x), up(x))), each projection with an optional adapter; see the module docstring.
 
-    apply(x, weights(3), biases(3), scales(3), act, A_g, B_g, A_u, B_u, A_d, B_d)."""
+    apply(x, weights(3), biases(3), scales(3), act, need_output, A_g, B_g, A_u, B_u, A_d, B_d).
+
+    need_output=False is for checkpoint recomputation, where the layer is run again only to rebuild its
+    autograd graph and y's value is never read (its gradient arrives from outside): down_proj's forward GEMM,
+    the biggest of the layer, is then skipped and y is returned uninitialised. Nothing in the backward needs y.
+
+    The backward consumes its saved g and u in place (dg, du and h are written over g, u and dh), so it can run
+    only once: retain_graph=True through this function raises; the "ref" backend has no such limit."""
 
     @staticmethod
-    def forward(ctx, x, weights, biases, scales, act, *ab):
+    def forward(ctx, x, weights, biases, scales, act, need_output, *ab):
         x2 = x.reshape(-1, x.shape[-1])
         g, xa_g = _forward_one(x2, weights[0], biases[0], ab[0], ab[1], scales[0])
         u, xa_u = _forward_one(x2, weights[1], biases[1], ab[2], ab[3], scales[1])
-        h = _act_fwd(act, g, u)
-        y, ha_d = _forward_one(h, weights[2], biases[2], ab[4], ab[5], scales[2])
-        del h  # recomputed in backward from g and u
+        if need_output:
+            h = _act_fwd(act, g, u)
+            y, ha_d = _forward_one(h, weights[2], biases[2], ab[4], ab[5], scales[2])
+            del h  # recomputed in backward from g and u
+        else:
+            # one element broadcast to y's shape: no (tokens x hidden) allocation for a value nobody reads
+            y, ha_d = x2.new_empty(1).expand(*x.shape[:-1], weights[2].shape[0]), None
         ctx.weights, ctx.scales, ctx.act, ctx.x_shape = weights, scales, act, x.shape
+        ctx.consumed = False
         ctx.save_for_backward(x2, g, u, *ab, xa_g, xa_u, ha_d)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return y.view(*x.shape[:-1], y.shape[-1]) if need_output else y
 
     @staticmethod
     def backward(ctx, dy):
+        if ctx.consumed:
+            raise RuntimeError("the fused LoRA MLP's backward ran twice: it overwrites its saved activations, so "
+                               "retain_graph=True is not supported through it (use backend='ref')")
+        ctx.consumed = True
         x2, g, u, *rest = ctx.saved_tensors
         ab, (xa_g, xa_u, ha_d) = rest[:6], rest[6:]
-        need = ctx.needs_input_grad
+        A_d, B_d, s_d = ab[4], ab[5], ctx.scales[2]
+        need = ctx.needs_input_grad  # 0 x, 1-5 non-tensors, 6-11 A_g B_g A_u B_u A_d B_d
         dy2 = dy.reshape(-1, dy.shape[-1])
-        # down: its input h is recomputed only when its dA needs it (dA_d = s_d (dy B_d)^T h)
-        h = _act_fwd(ctx.act, g, u) if need[9] else None
-        dh, (dA_d, dB_d) = _backward_shared(h, [dy2], ctx.weights[2:], ab[4:], [ha_d], ctx.scales[2:], True,
-                                            need[9:11])
+        dt = dy2.dtype
+        # down: dh = dy W_d + s_d (dy B_d) A_d
+        W = dense(ctx.weights[2], dt)
+        dh = dy2 @ W
+        del W
+        if A_d is not None:
+            dyb = dy2 @ B_d.to(dt)
+            dh.addmm_(dyb, A_d.to(dt), alpha=s_d)
+        # the activation's backward, with h (down's input, needed by its adapter) from the same pass
+        dg, du, h = _act_bwd_inplace(ctx.act, dh, g, u)
+        del g, u, dh
+        dA_d = dB_d = None
+        if A_d is not None:
+            # dA_d = s_d (dy B_d)^T h ;  dB_d = s_d dy^T (h A_d^T)
+            if need[10]:
+                dA_d = (dyb.t() @ h).mul_(s_d).to(A_d.dtype)
+            if need[11]:
+                if ha_d is None:
+                    ha_d = h @ A_d.to(dt).t()
+                dB_d = (dy2.t() @ ha_d).mul_(s_d).to(B_d.dtype)
         del h
-        dg, du = _act_bwd(ctx.act, dh, g, u)
-        del dh
         dx, grads = _backward_shared(x2, [dg, du], ctx.weights[:2], ab[:4], [xa_g, xa_u], ctx.scales[:2],
-                                     need[0], need[5:9])
+                                     need[0], need[6:10])
         if dx is not None:
             dx = dx.view(ctx.x_shape)
-        return (dx, None, None, None, None, *grads, dA_d, dB_d)
+        return (dx, None, None, None, None, None, *grads, dA_d, dB_d)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -279,9 +313,11 @@ def lora_linear(x, weight, bias=None, A=None, B=None, scale=1.0, backend=None):
     return lora_linears(x, [(weight, bias, A, B, scale)], backend)[0]
 
 
-def lora_mlp(x, gate, up, down, act="silu", backend=None):
+def lora_mlp(x, gate, up, down, act="silu", backend=None, need_output=True):
     """down(act(gate(x), up(x))); gate/up/down are (weight, bias, A, B, scale); act: "silu" (SwiGLU), "gelu"
-    (exact GeGLU) or a tanh-approximate gelu name (gelu_pytorch_tanh, gelu_new, gelu_fast)."""
+    (exact GeGLU) or a tanh-approximate gelu name (gelu_pytorch_tanh, gelu_new, gelu_fast).
+    need_output=False: the caller uses the result only for its autograd graph, never its value (checkpoint
+    recomputation); the fused path then skips down_proj's forward and returns uninitialised values."""
     projections = [tuple(gate), tuple(up), tuple(down)]
     if pick_backend(backend, x) == "ref":
         return lora_mlp_ref(x, *projections, act)
@@ -289,7 +325,7 @@ def lora_mlp(x, gate, up, down, act="silu", backend=None):
     _check(x, projections, [x.shape[-1], x.shape[-1], inter])
     weights, biases, As, Bs, scales = zip(*projections)
     ab = [t for pair in zip(As, Bs) for t in pair]
-    return LoRAMLPFunction.apply(x, weights, biases, tuple(float(s) for s in scales), act, *ab)
+    return LoRAMLPFunction.apply(x, weights, biases, tuple(float(s) for s in scales), act, need_output, *ab)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,12 +365,14 @@ def qkv(attn, x):
     return lora_linears(x, [spec(m)[:5] for m in mods], _backend_of(mods, x))
 
 
-def mlp(module, x):
+def mlp(module, x, need_output=True):
+    """The MLP of a decoder layer; need_output=False: see lora_mlp (only the fused path uses the hint)."""
     mods = (module.gate_proj, module.up_proj, module.down_proj)
     if all(is_plain(m) for m in mods):
         return module.down_proj(_act(module.act, module.gate_proj(x), module.up_proj(x)))
     if any(_has_dropout(m) for m in mods):
         h = _act(module.act, linear(mods[0], x), linear(mods[1], x), _backend_of(mods, x))
         return linear(mods[2], h)
-    return lora_mlp(x, *[spec(m)[:5] for m in mods], act=module.act, backend=_backend_of(mods, x))
+    return lora_mlp(x, *[spec(m)[:5] for m in mods], act=module.act, backend=_backend_of(mods, x),
+                    need_output=need_output)
 

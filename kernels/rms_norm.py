@@ -100,18 +100,18 @@ def _rms_norm_bwd_kernel(
     dw_part_ptr,  # (programs, N) fp32 out: this program's partial sum of dw over its rows (when COMPUTE_DW)
     M, N,  # rows, row length
     dy_row, dh_row, x_row, dx_row,  # row strides in elements
-    rows_per_program,  # contiguous chunk of rows owned by one program (a multiple of BLOCK_M)
     offset,  # fp32 scalar
     HAS_DH: tl.constexpr,  # add dh into dx
     GEMMA: tl.constexpr,  # casting, as in the forward (decides how weff is rounded)
     COMPUTE_DW: tl.constexpr,  # False when the weight is frozen (LoRA): no partial buffer at all
-    BLOCK_M: tl.constexpr,  # rows per loop step
+    BLOCK_M: tl.constexpr,  # rows per loop step: one (BLOCK_M, BLOCK_N) tile, its row reductions side by side
     BLOCK_N: tl.constexpr,  # next power of two >= N
+    STAGES: tl.constexpr,  # software pipeline depth: loads of the next STAGES-1 steps fly while one computes
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
+    # Program p takes the tiles p, p + P, p + 2P, ... (P = programs): counts differ by at most one tile.
     pid = tl.program_id(0)
-    row_start = pid * rows_per_program
-    row_end = tl.minimum(row_start + rows_per_program, M)
+    step = tl.num_programs(0) * BLOCK_M
     cols = tl.arange(0, BLOCK_N)
     col_ok = cols < N
     w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -119,12 +119,15 @@ def _rms_norm_bwd_kernel(
         weff = offset + w
     else:
         weff = cast(w + offset, w_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-    dw_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(row_start, row_end, BLOCK_M):
+    dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # STAGES > 1: Triton's software pipeliner (tl.range num_stages) copies the x / dy / rstd tiles of the next
+    # steps into shared memory asynchronously (cp.async on sm_80+), so a program keeps several rows of loads in
+    # flight without holding them in registers; on the interpreter this is a plain loop.
+    for r0 in tl.range(pid * BLOCK_M, M, step, num_stages=STAGES):
         rows = r0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < row_end
+        row_ok = rows < M
         mask = row_ok[:, None] & col_ok[None, :]
-        rows = rows.to(tl.int64)
+        rows = rows.to(tl.int64)  # rows * stride can pass 2^31 on long sequences
         x = tl.load(x_ptr + rows[:, None] * x_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + rows[:, None] * dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
@@ -139,10 +142,32 @@ def _rms_norm_bwd_kernel(
         tl.store(dx_ptr + rows[:, None] * dx_row + cols[None, :], cast(dx, dx_ptr.dtype.element_ty, INTERPRET),
                  mask=mask)
         if COMPUTE_DW:
-            # dw_j = sum_rows dy_j * xhat_j (masked rows load zeros and add nothing)
-            dw_acc += dy * xhat
+            # dw_j = sum_rows dy_j * xhat_j (masked rows load zeros and add nothing). The sum over the tile's
+            # rows stays inside each thread: Triton lays a (BLOCK_M, >= 32 * 8 * warps) tile out with every
+            # warp along the row, so one thread holds all BLOCK_M rows of its columns.
+            dw_acc += tl.sum(dy * xhat, axis=0)
     if COMPUTE_DW:
-        tl.store(dw_part_ptr + pid * N + cols, tl.sum(dw_acc, axis=0), mask=col_ok)
+        tl.store(dw_part_ptr + pid * N + cols, dw_acc, mask=col_ok)
+
+
+@triton.jit
+def _rms_norm_dw_kernel(
+    part_ptr,  # (P, N) fp32 partial sums of dw, one row per backward program, contiguous
+    dw_ptr,  # (N,) out: dw in the weight's dtype
+    P, N,  # partial rows, row length
+    BLOCK_P: tl.constexpr,  # partial rows per loop step
+    BLOCK_COLS: tl.constexpr,  # columns per program
+    INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
+):
+    # stage 2 of the dw reduction: a fixed order over the partial rows (deterministic), one rounding at the end
+    cols = tl.program_id(0) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_P, BLOCK_COLS), dtype=tl.float32)
+    for p0 in tl.range(0, P, BLOCK_P, num_stages=3):
+        parts = p0 + tl.arange(0, BLOCK_P)
+        mask = (parts < P)[:, None] & col_ok[None, :]
+        acc += tl.load(part_ptr + parts[:, None] * N + cols[None, :], mask=mask, other=0.0)
+    tl.store(dw_ptr + cols, cast(tl.sum(acc, axis=0), dw_ptr.dtype.element_ty, INTERPRET), mask=col_ok)
 
 
 def _rows(t, n):
@@ -206,10 +231,11 @@ def rms_norm_fwd(x, weight, eps, offset, casting, residual=None, tile=None, num_
     return y, h, rstd
 
 
-def rms_norm_bwd(dy, dh, x, weight, rstd, offset, casting, compute_dw, tile=None, num_warps=None,
-                 programs_per_sm=None):
+def rms_norm_bwd(dy, dh, x, weight, rstd, offset, casting, compute_dw, rows=None, num_warps=None, stages=None,
+                 programs=None):
     """dy: gradient of y; dh: gradient of h (residual variant) or None; x: the normalized input (h).
-    Returns (dx, dw or None). The keyword arguments override the tuning constants (bench --sweep)."""
+    Returns (dx, dw or None). The keyword arguments override the tuning constants (tools/bench_kernels.py
+    --sweep): rows per loop step (BLOCK_M), warps, software-pipeline stages, and the number of programs."""
     n = x.shape[-1]
     x2 = _rows(x, n)
     dy2 = _rows(dy, n)
@@ -219,27 +245,40 @@ def rms_norm_bwd(dy, dh, x, weight, rstd, offset, casting, compute_dw, tile=None
     dx2 = dx.view(-1, n)
     if m == 0:
         return dx, (torch.zeros_like(weight) if compute_dw else None)
-    block_m, block_n, num_warps = _config(n, tile, num_warps)
+    block_m, block_n, warps = _config(n, tile=None if rows is None else rows * triton.next_power_of_2(n))
     tiles = triton.cdiv(m, block_m)
     if compute_dw:
-        if x.is_cuda:
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-            target = sms * (programs_per_sm or BWD_PROGRAMS_PER_SM)
-        else:
-            target = BWD_PROGRAMS_CPU
-        rows_per_program = triton.cdiv(tiles, min(tiles, target)) * block_m
+        # BWD_DW_ELEMENTS_PER_THREAD of the tile per thread, between 4 and 16 warps (see the constants)
+        warps = num_warps or min(16, max(4, block_m * block_n // BWD_DW_ELEMENTS_PER_THREAD))
+        stages = stages or BWD_DW_STAGES
+        if programs is None:
+            programs = (torch.cuda.get_device_properties(x.device).multi_processor_count * BWD_PROGRAMS_PER_SM
+                        if x.is_cuda else BWD_PROGRAMS_CPU)
     else:
-        rows_per_program = block_m  # no reduction: one tile per program, as many programs as tiles
-    grid = triton.cdiv(m, rows_per_program)
+        # no reduction: by default one tile per program and as many programs as tiles, no pipelining
+        warps = num_warps or warps
+        stages = stages or 1
+        programs = programs or tiles
+    if block_m < 1 or stages < 1 or programs < 1:
+        raise ValueError(f"rms_norm_bwd: rows={rows}, stages={stages} and programs={programs} must be >= 1")
+    grid = min(programs, tiles)
     dw_part = torch.empty((grid, n) if compute_dw else (1,), dtype=torch.float32, device=x.device)
+    interpret = interpreting(x)
     _rms_norm_bwd_kernel[(grid,)](
         dy2, dh2, x2, weight.contiguous(), rstd, dx2, dw_part, m, n,
-        dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0), rows_per_program, float(offset),
+        dy2.stride(0), dh2.stride(0), x2.stride(0), dx2.stride(0), float(offset),
         HAS_DH=dh is not None, GEMMA=casting == "gemma", COMPUTE_DW=compute_dw,
-        BLOCK_M=block_m, BLOCK_N=block_n, INTERPRET=interpreting(x), num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, STAGES=stages, INTERPRET=interpret, num_warps=warps,
     )
-    # stage 2 of the dw reduction: (programs, N) fp32 -> (N,), rounded once to w's dtype
-    dw = dw_part.sum(0).to(weight.dtype) if compute_dw else None
+    if not compute_dw:
+        return dx, None
+    # stage 2 of the dw reduction: (programs, N) fp32 -> (N,), rounded once to w's dtype, in one small launch
+    # (torch's dw_part.sum(0).to(w.dtype) took two)
+    dw = torch.empty(n, dtype=weight.dtype, device=x.device)
+    _rms_norm_dw_kernel[(triton.cdiv(n, DW_SUM_COLS),)](
+        dw_part, dw, grid, n, BLOCK_P=min(DW_SUM_ROWS, triton.next_power_of_2(grid)), BLOCK_COLS=DW_SUM_COLS,
+        INTERPRET=interpret, num_warps=4,
+    )
     return dx, dw
 
 

@@ -66,8 +66,10 @@ def _swiglu_bwd_kernel(
     u_ptr,  # (M, N) up, row stride u_row
     dg_ptr,  # (M, N) out: gradient of gate, row stride dg_row
     du_ptr,  # (M, N) out: gradient of up, row stride du_row
+    h_ptr,  # (M, N) out when STORE_H: the activation act(g) * u, row stride h_row
     M, N,  # rows, row length
-    dy_row, g_row, u_row, dg_row, du_row,  # row strides in elements
+    dy_row, g_row, u_row, dg_row, du_row, h_row,  # row strides in elements
+    STORE_H: tl.constexpr,  # also write the forward's output (the fused MLP needs it for down_proj's adapter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
@@ -82,6 +84,8 @@ def _swiglu_bwd_kernel(
     s, one_minus_s = _sigmoid_pair(g)
     # dup = dy silu(g) ; dgate = dy up s (1 + g (1 - s))
     tl.store(du_ptr + row * du_row + cols, cast(dy * g * s, du_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    if STORE_H:
+        tl.store(h_ptr + row * h_row + cols, cast(g * s * u, h_ptr.dtype.element_ty, INTERPRET), mask=mask)
     tl.store(dg_ptr + row * dg_row + cols,
              cast(dy * u * s * (1.0 + g * one_minus_s), dg_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
@@ -122,19 +126,29 @@ def swiglu_fwd(gate, up, block=None, num_warps=None):
     return y
 
 
-def swiglu_bwd(dy, gate, up, block=None, num_warps=None):
+def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False):
+    """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy): each element is read before
+    it is written by the same thread, so no extra (tokens x intermediate) buffer is needed, and h = silu(g) up
+    (the forward's output) comes out of the same pass. The inputs are consumed: the fused MLP's backward uses
+    this (kernels/lora.py), where gate, up and dy are its own temporaries."""
     n = gate.shape[-1]
     dy2, g2, u2 = _rows(dy, n), _rows(gate, n), _rows(up, n)
-    dg = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    du = torch.empty(up.shape, dtype=up.dtype, device=up.device)
-    dg2, du2 = dg.view(-1, n), du.view(-1, n)
-    if dg.numel():
+    if inplace:
+        dg2, du2, h2 = g2, u2, dy2
+    else:
+        dg2 = torch.empty((g2.shape[0], n), dtype=gate.dtype, device=gate.device)
+        du2 = torch.empty((u2.shape[0], n), dtype=up.dtype, device=up.device)
+        h2 = dg2  # not written
+    if dg2.numel():
         grid, cfg = _launch(g2.shape[0], n, block, num_warps)
         _swiglu_bwd_kernel[grid](
-            dy2, g2, u2, dg2, du2, g2.shape[0], n,
-            dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0),
-            INTERPRET=interpreting(dg), **cfg)
-    return dg, du
+            dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
+            dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),
+            STORE_H=inplace, INTERPRET=interpreting(dg2), **cfg)
+    shape = gate.shape
+    if inplace:
+        return dg2.view(shape), du2.view(shape), h2.view(shape)
+    return dg2.view(shape), du2.view(shape)
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -42,6 +42,10 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return kernels.rms_norm(x, self.weight, self.eps, self.offset, self.casting)
 
+    def residual(self, x, residual):
+        """(rms_norm(x + residual), x + residual) in one pass (the residual stream is not re-read to normalize)."""
+        return kernels.rms_norm_residual(x, residual, self.weight, self.eps, self.offset, self.casting)
+
 
 def _norm(cfg: ModelConfig, dim=None):
     return RMSNorm(dim or cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_casting)
@@ -173,8 +177,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
         self.act = cfg.hidden_act
 
-    def forward(self, x):
-        return lora.mlp(self, x)
+    def forward(self, x, need_output=True):
+        return lora.mlp(self, x, need_output)
 
 
 class DecoderLayer(nn.Module):
@@ -189,13 +193,20 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = _norm(cfg)
             self.post_feedforward_layernorm = _norm(cfg)
 
-    def forward(self, x, rope, docs=None, cache=None, positions=None):
+    def forward(self, x, rope, docs=None, cache=None, positions=None, need_output=True):
+        """The layer's output x'. need_output=False (checkpoint recomputation, engine/offload.py) returns the
+        branches whose sum x' is instead, and the MLP branch is rebuilt as a graph without its value (its
+        down_proj GEMM skipped, see kernels/lora.py): the backward of a sum hands x's gradient to each branch
+        unchanged, so nothing needs the sum. With sandwich norms the MLP output feeds a norm, whose backward
+        needs its value: one branch, computed in full."""
         a = self.self_attn(self.input_layernorm(x), rope, docs, cache, positions)
         if self.sandwich:
-            x = x + self.post_attention_layernorm(a)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + a
-        return x + self.mlp(self.post_attention_layernorm(x))
+            n, x = self.pre_feedforward_layernorm.residual(self.post_attention_layernorm(a), x)
+            x = x + self.post_feedforward_layernorm(self.mlp(n))
+            return x if need_output else (x,)
+        n, x = self.post_attention_layernorm.residual(a, x)
+        m = self.mlp(n, need_output)
+        return x + m if need_output else (x, m)
 
 
 class Model(nn.Module):
@@ -204,7 +215,7 @@ class Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = _norm(cfg)
-        # Gradient checkpointing: None, or a callable run_layer(layer, x, *args) -> x that wraps each layer
+        # Gradient checkpointing: None, or a callable run_layer(layer, x, rope, docs) -> x that wraps each layer
         # call (engine code sets it; the decoder only calls it while autograd records).
         self.run_layer = None
 

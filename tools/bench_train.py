@@ -20,6 +20,29 @@ def gib(x):
     return round(x / 2**30, 3)
 
 
+def profile_step(model, opt, ids, top):
+    """One more training step under torch.profiler: the top GPU kernels by total time and their share of the
+    step's GPU time, printed and returned (for BENCHMARKS.md: where a step's time goes)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    total = sum(e.self_device_time_total for e in kernels) or 1.0
+    rows = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
+    out = [dict(kernel=e.key[:120], calls=e.count, ms=round(e.self_device_time_total / 1000, 2),
+                share=round(e.self_device_time_total / total, 4)) for e in rows]
+    print(f"profile: GPU time {total / 1000:.1f} ms in {sum(e.count for e in kernels)} kernel launches")
+    for r in out:
+        print(f"  {r['share'] * 100:5.1f}%  {r['ms']:8.2f} ms  x{r['calls']:<5d} {r['kernel']}")
+    return dict(gpu_ms=round(total / 1000, 1), top=out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory (the anchors' make_ckpt.py output)")
@@ -34,6 +57,8 @@ def main(argv=None):
     p.add_argument("--vocab", type=int, default=128256, help="token ids are drawn below this")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="")
+    p.add_argument("--profile", type=int, default=0,
+                   help="after the timed steps, profile one more step and print the top N GPU kernels")
     args = p.parse_args(argv)
 
     rec = dict(system=f"hare_{args.quant}", gc=args.gc, model=args.model, seq=args.seq, bs=args.bs,
@@ -98,6 +123,8 @@ def main(argv=None):
             rec.update(peak_alloc_gib=gib(torch.cuda.max_memory_allocated()),
                        peak_reserved_gib=gib(torch.cuda.max_memory_reserved()))
         print("RESULT tok/s", rec["tokens_per_s"], "peak alloc", rec.get("peak_alloc_gib"), flush=True)
+        if args.profile and cuda:
+            rec["profile"] = profile_step(model, opt, batches[-1], args.profile)
     except BaseException as e:  # record OOM / errors in the same JSON shape, then fail
         rec["status"] = "oom" if "out of memory" in str(e).lower() else "error"
         rec["error"] = f"{type(e).__name__}: {str(e)[:800]}"

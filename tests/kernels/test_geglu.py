@@ -90,3 +90,17 @@ def test_preconditions():
         geglu(g, g, approximate="erf", backend="triton")
     with pytest.raises(ValueError, match="gate and up"):
         geglu(g, torch.randn(3, 11), backend="triton")
+
+
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_inplace_backward_also_gives_the_activation(approximate):
+    """geglu_bwd(inplace=True) writes (dgate, dup, h) over (gate, up, dy), equal to the two-pass results."""
+    from hare.kernels.geglu import geglu_bwd, geglu_fwd
+    g = torch.Generator().manual_seed(0)
+    gate, up, dy = (torch.randn(5, 123, generator=g) * 3 for _ in range(3))
+    dg, du = geglu_bwd(dy, gate, up, approximate)
+    h = geglu_fwd(gate, up, approximate)
+    bufs = (gate.clone(), up.clone(), dy.clone())
+    out = geglu_bwd(bufs[2], bufs[0], bufs[1], approximate, inplace=True)
+    for got, want, buf in zip(out, (dg, du, h), bufs):
+        assert torch.equal(got, want) and got.data_ptr() == buf.data_ptr()

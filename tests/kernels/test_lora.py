@@ -185,3 +185,24 @@ def test_preconditions():
         lora.lora_linear(torch.randn(3, IN + 1), torch.randn(8, IN + 1), b, A, B, s, backend="triton")
     with pytest.raises(ValueError, match="backend"):
         lora.lora_linear(x, W, b, A, B, s, backend="cuda")
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh", "gelu"])
+def test_mlp_without_output_gives_the_same_gradients(act):
+    """need_output=False (checkpoint recomputation) skips down_proj's forward; the backward, fed the same dy,
+    gives bit-identical gradients for x and every adapter, and a second backward is refused."""
+    inter = 53
+    grads = []
+    for need_output in (True, False):
+        projections = _cast([_proj(inter, seed=7), _proj(inter, seed=8), _proj(IN, inp=inter, seed=9)],
+                            torch.float64)
+        x = torch.randn(2, 9, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+        x.requires_grad_()
+        y = lora.lora_mlp(x, *projections, act=act, backend="triton", need_output=need_output)
+        dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+        y.backward(dy, retain_graph=True)
+        grads.append([x.grad] + [t.grad for p in projections for t in p[2:4]])
+        with pytest.raises(RuntimeError, match="retain_graph"):
+            y.backward(dy)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -87,3 +87,16 @@ def test_preconditions():
         swiglu(g, torch.randn(3, 11), backend="triton")
     with pytest.raises(ValueError, match="gate and up"):
         swiglu(g, torch.randn(3, 10, dtype=torch.float64), backend="triton")
+
+
+def test_inplace_backward_also_gives_the_activation():
+    """swiglu_bwd(inplace=True) writes (dgate, dup, h) over (gate, up, dy), equal to the two-pass results."""
+    from hare.kernels.swiglu import swiglu_bwd, swiglu_fwd
+    g = torch.Generator().manual_seed(0)
+    gate, up, dy = (torch.randn(5, 123, generator=g) * 3 for _ in range(3))
+    dg, du = swiglu_bwd(dy, gate, up)
+    h = swiglu_fwd(gate, up)
+    bufs = (gate.clone(), up.clone(), dy.clone())
+    out = swiglu_bwd(bufs[2], bufs[0], bufs[1], inplace=True)
+    for got, want, buf in zip(out, (dg, du, h), bufs):
+        assert torch.equal(got, want) and got.data_ptr() == buf.data_ptr()
