@@ -144,11 +144,100 @@ class LayerCheckpointing:
         return CheckpointFunction.apply(run, self.stash, x, *params)
 
 
-def enable_checkpointing(model, offload: bool = False):
-    """Checkpoint every decoder layer of `model` (offload: layer inputs to pinned CPU memory). Returns the hook;
-    `disable_checkpointing(model)` removes it."""
-    model.model.run_layer = LayerCheckpointing(offload)
-    return model.model.run_layer
+class AutoCheckpointing:
+    """Mode "auto": each decoder layer either keeps its activations (plain autograd: no recompute) or is
+    checkpointed, decided in every forward, layer by layer, against a memory budget.
+
+    Layer i keeps its activations when, after it, everything still fits:
+        allocated now + a + (layers after i) * x_bytes + reserve <= budget
+    with a = the memory one kept layer adds at this token count (measured on the first kept layer of that
+    size, an analytic upper bound until then), x_bytes = one checkpointed layer's saved input, and reserve = a +
+    margin: the recomputation of one checkpointed layer in backward, plus the loss's and optimizer's temporaries.
+    The first layers keep their activations and the later ones are checkpointed; the backward meets the
+    checkpointed ones first, while the kept activations are all still alive, which the reserve covers.
+    budget: bytes; None = what the device has (free + allocated by torch) when the first forward runs, minus
+    the margin. Offloading a kept layer's activations instead of recomputing it is not offered: at ~116 KiB
+    per token per Llama-8B layer the PCIe round trip costs about what the layer's recomputation does.
+
+    `plan` holds the latest forward's choice (kept and checkpointed layer indices); `report()` says it."""
+
+    def __init__(self, num_layers: int, budget: int = None, margin: int = 1 << 30, layer_bytes: int = None,
+                 allocated=None):
+        self.num_layers, self.budget, self.margin = num_layers, budget, margin
+        self.layer_bytes = layer_bytes  # fixed per-layer cost (tests); None = measure
+        self.allocated = allocated      # () -> bytes in use (tests); None = torch.cuda.memory_allocated
+        self.measured = {}              # tokens -> bytes a kept layer added
+        self.checkpointing = LayerCheckpointing(offload=False)
+        self.plan = {"kept": [], "checkpointed": []}
+        self.tokens = 0
+
+    def _estimate(self, layer, x):
+        """Bytes a kept layer adds for x: measured, or an upper bound from the shapes (bf16 activations saved
+        per token: the norms' inputs, q/k/v, attention output, the MLP's input, gate and up, the output)."""
+        tokens = x.shape[:-1].numel()
+        if self.layer_bytes is not None:
+            return self.layer_bytes
+        if tokens in self.measured:
+            return self.measured[tokens]
+        attn, mlp = layer.self_attn, layer.mlp
+        hidden = x.shape[-1]
+        inter = mlp.gate_proj.weight.shape[0]
+        per_token = 6 * hidden + 2 * attn.heads * attn.head_dim + 2 * attn.kv_heads * attn.head_dim + 3 * inter
+        return tokens * per_token * x.element_size()
+
+    def __call__(self, layer, x, rope, doc_ids):
+        i = layer.self_attn.layer_idx
+        # no allocator statistics on the CPU: only the budget, the estimates and the saved inputs count there
+        allocated = self.allocated or ((lambda: torch.cuda.memory_allocated(x.device)) if x.is_cuda else (lambda: 0))
+        if i == 0:
+            self.plan = {"kept": [], "checkpointed": []}
+            self.tokens = x.shape[:-1].numel()
+            if self.budget is None:
+                if not x.is_cuda:
+                    raise ValueError("checkpointing='auto' needs a budget on the CPU (no device memory to ask)")
+                free, _ = torch.cuda.mem_get_info(x.device)
+                self.budget = free + torch.cuda.memory_allocated(x.device) - self.margin
+        a = self._estimate(layer, x)
+        later = self.num_layers - i - 1
+        need = allocated() + a + later * x.numel() * x.element_size() + a + self.margin
+        if need > self.budget:
+            self.plan["checkpointed"].append(i)
+            return self.checkpointing(layer, x, rope, doc_ids)
+        before = allocated()
+        y = layer(x, rope, doc_ids)
+        if self.layer_bytes is None:
+            self.measured[self.tokens] = max(self.measured.get(self.tokens, 0), allocated() - before)
+        self.plan["kept"].append(i)
+        return y
+
+    def report(self) -> str:
+        kept, ckpt = len(self.plan["kept"]), len(self.plan["checkpointed"])
+        per = self.measured.get(self.tokens, self.layer_bytes)
+        per = f"{per / 2**30:.2f} GiB per kept layer at {self.tokens} tokens" if per else "per-layer cost unmeasured"
+        budget = f"{self.budget / 2**30:.1f} GiB" if self.budget is not None else "unset"
+        return (f"checkpointing auto: {kept} of {kept + ckpt} layers keep their activations, {ckpt} recomputed "
+                f"({per}; budget {budget})")
+
+
+MODES = ("on", "offload", "auto")
+
+
+def enable_checkpointing(model, mode: str = "on", budget_gib: float = None):
+    """Checkpoint the decoder layers of `model`. mode "on": every layer, its input kept on the device;
+    "offload": every layer, its input in pinned CPU memory; "auto": as many layers as `budget_gib` (default: the
+    device's memory minus 1 GiB) allows keep their activations, the rest are checkpointed (AutoCheckpointing).
+    Returns the hook; `disable_checkpointing(model)` removes it."""
+    if mode not in MODES:
+        raise ValueError(f"checkpointing mode must be one of {MODES}, got {mode!r}")
+    if budget_gib is not None and mode != "auto":
+        raise ValueError("budget_gib applies to mode 'auto' only")
+    if mode == "auto":
+        budget = None if budget_gib is None else int(budget_gib * 2**30)
+        hook = AutoCheckpointing(len(model.model.layers), budget)
+    else:
+        hook = LayerCheckpointing(offload=mode == "offload")
+    model.model.run_layer = hook
+    return hook
 
 
 def disable_checkpointing(model):

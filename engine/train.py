@@ -61,8 +61,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0       # clip the global gradient norm; 0 = no clipping
     seed: int = 0                    # data order, adapter init (when train applies LoRA), dropout
     # -- memory
-    gradient_checkpointing: bool = False  # recompute each decoder layer in backward
-    offload_checkpoints: bool = False     # ... and keep its input in pinned CPU memory meanwhile (long context)
+    checkpointing: str = "off"       # "off"; "on": recompute every decoder layer in backward; "offload": on, with
+                                     # the layer inputs in pinned CPU memory (long context); "auto": recompute
+                                     # only the layers whose activations do not fit checkpoint_budget_gib
+    checkpoint_budget_gib: float = 0.0  # "auto" only; 0 = the device's memory minus 1 GiB
     # -- output
     output_dir: str = "hare-out"     # adapter/, checkpoints/, metrics.jsonl, loss_curve.png
     log_every: int = 1
@@ -81,8 +83,10 @@ class TrainConfig:
                   ("batch_size", self.batch_size >= 1, ">= 1"), ("grad_accum", self.grad_accum >= 1, ">= 1"),
                   ("max_steps", self.max_steps >= 1 or self.num_epochs > 0, ">= 1 (or num_epochs > 0)"),
                   ("lr", self.lr > 0, "> 0"), ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
-                  ("offload_checkpoints", self.gradient_checkpointing or not self.offload_checkpoints,
-                   "only with gradient_checkpointing")]
+                  ("checkpointing", self.checkpointing in ("off", "on", "offload", "auto"),
+                   "off, on, offload or auto"),
+                  ("checkpoint_budget_gib", self.checkpoint_budget_gib >= 0
+                   and (self.checkpoint_budget_gib == 0 or self.checkpointing == "auto"), ">= 0, with 'auto' only")]
         for name, ok, want in checks:
             if not ok:
                 raise ValueError(f"TrainConfig.{name} must be {want}, got {getattr(self, name)!r}")
@@ -207,8 +211,9 @@ def train(model, tokenizer, data, config: Optional[TrainConfig] = None, eval_dat
     if not params:
         raise ValueError("nothing to train: the model has no trainable parameters")
     optimizer = _optimizer(params, cfg, device)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(model, offload=cfg.offload_checkpoints)
+    hook = None
+    if cfg.checkpointing != "off":
+        hook = enable_checkpointing(model, cfg.checkpointing, cfg.checkpoint_budget_gib or None)
 
     step, epoch, position = 0, 0, 0  # position: index of the next micro-batch in this epoch's plan
     if cfg.resume:
@@ -295,7 +300,9 @@ def train(model, tokenizer, data, config: Optional[TrainConfig] = None, eval_dat
         eval_losses.append((step, final))
         with open(metrics_path, "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "eval_loss": final}) + "\n")
-    if cfg.gradient_checkpointing:
+    if hook is not None:
+        if hasattr(hook, "report"):
+            print(f"hare train: {hook.report()}", file=sys.stderr)
         disable_checkpointing(model)
     model.eval()
     adapter_dir = save_adapter(model, os.path.join(cfg.output_dir, "adapter"),

@@ -17,7 +17,7 @@ The casts in the forward are identity for the gradient (autograd treats `.to` as
 keep xhat and g in fp32 rather than re-rounding them, which only brings the result closer to the fp64 truth.
 In the residual variant h feeds both y and the caller, so dx = dresidual = dh + (the dx above).
 dw is reduced over rows in two stages: each backward program sums its rows into one fp32 row of a
-(programs, N) buffer, and one torch sum over programs finishes it (deterministic, no atomics).
+(programs, N) buffer, and a small kernel sums those rows in a fixed order (deterministic, no atomics).
 """
 import torch
 import triton
@@ -34,15 +34,32 @@ MAX_BLOCK_N = 65536
 # Elements per program in the forward when rows are short (q/k norms over head_dim 128): several rows share a
 # program so each one moves >= 8 KiB of bf16, instead of launching a program per 256-byte row.
 TILE_ELEMENTS = 4096
-# Backward programs per SM when dw is needed: each program writes one fp32 row of partial dw, so fewer
-# programs mean a smaller partial buffer; 4 per SM keeps 32 warps resident per SM with BLOCK_N 4096
-# (8 warps each). Measured (H200, hidden 4096 bf16, CUDA-graph timing): fwd+bwd with dw reaches 2.9-3.3 TB/s
-# = 69-78% of the 4.2 TB/s copy, against 4.0-4.2 TB/s (96-99%) without dw (frozen weight, one tile per program):
-# each program walks its 16-32 rows one reduction at a time, so this path is latency-bound. Not yet tuned:
-# tools/bench_kernels.py --sweep times 2/4/8 programs per SM and 1/2 rows per loop step.
-BWD_PROGRAMS_PER_SM = 4
-# On the interpreter any count is correct; a few programs with uneven row chunks exercise the two-stage sum.
+# Backward with dw (trainable weight). Each program walks the row tiles p, p + P, p + 2P, ... and sums its
+# dy * xhat into one fp32 row of a (P, N) buffer; a small kernel sums the P rows (deterministic, no atomics).
+# History: the first version (BLOCK_M 1, 8 warps, 4 programs per SM, plain loop) reached only 2.9-3.3 TB/s =
+# 69-78% of the 4.2 TB/s copy (H200, hidden 4096 bf16, fwd+bwd), against 96-99% without dw (frozen weight, one
+# tile per program). ptxas gave it 122 registers per thread (2 x (256, 4096) tiles live in the loop plus weff and
+# the dw accumulator), so only 2 of its 8-warp programs fit an SM's 64K registers (the launch asked 4: two
+# waves), and each program had one row's loads in flight between reductions: too few bytes in flight per SM to
+# cover DRAM latency (Little's law: ~4.5 TB/s x ~1.5 us / 132 SMs ~ 50 KiB per SM).
+# Now: 8 elements of a row per thread (16 warps for 4096: 64 registers, sm_90 ptxas from triton 3.6, no spills,
+# so 2 programs x 16 warps per SM) and a software-pipelined row loop (tl.range num_stages): the x / dy / rstd
+# tiles of the next STAGES-1 steps are copied into shared memory asynchronously, 3 x 16 KiB per program with 4
+# stages (48 KiB of shared memory per program, 72 KiB with the residual's dh), ~96 KiB in flight per SM.
+# NOT YET MEASURED on a GPU (chosen from the register / shared-memory counts above):
+#   python -m hare.tools.bench_kernels --sweep --only rms_norm
+# times rows per step 1/2, 8/16 warps, 1-4 stages, 1-4 programs per SM at 8192 and 16384 tokens and prints the
+# best; copy its numbers here.
+BWD_DW_ELEMENTS_PER_THREAD = 8
+BWD_DW_STAGES = 4
+BWD_PROGRAMS_PER_SM = 2
+# On the interpreter any count is correct; a few programs with uneven row counts exercise the two-stage sum.
 BWD_PROGRAMS_CPU = 4
+# Stage 2 (sum of the (P, N) partial rows): a program owns 32 columns (128 bytes of fp32 per partial row, one
+# cache line) and walks the partial rows DW_SUM_ROWS at a time. 4096 columns: 128 programs reading 4 MiB that
+# the backward just wrote (in L2).
+DW_SUM_COLS = 32
+DW_SUM_ROWS = 128
 
 
 @triton.jit
@@ -132,6 +149,13 @@ def _rms_norm_bwd_kernel(
         dy = tl.load(dy_ptr + rows[:, None] * dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + rows, mask=row_ok, other=0.0)
         xhat = x * rstd[:, None]
+        if COMPUTE_DW:
+            # dw_j = sum_rows dy_j * xhat_j (masked rows load zeros and add nothing). Taken before the row
+            # reduction below so dy is dead across it (with dh, ptxas then needs 64 registers instead of 91 at
+            # 16 warps: 2 programs per SM instead of 1). The sum over the tile's rows stays inside each thread:
+            # Triton lays a (BLOCK_M, >= 32 * 8 * warps) tile out with every warp along the row, so one thread
+            # holds all BLOCK_M rows of its columns.
+            dw_acc += tl.sum(dy * xhat, axis=0)
         # g = dy * weff;  dx = r * (g - xhat * mean(g * xhat))
         g = dy * weff[None, :]
         c = tl.sum(g * xhat, axis=1) / N
@@ -141,11 +165,6 @@ def _rms_norm_bwd_kernel(
             dx += tl.load(dh_ptr + rows[:, None] * dh_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + rows[:, None] * dx_row + cols[None, :], cast(dx, dx_ptr.dtype.element_ty, INTERPRET),
                  mask=mask)
-        if COMPUTE_DW:
-            # dw_j = sum_rows dy_j * xhat_j (masked rows load zeros and add nothing). The sum over the tile's
-            # rows stays inside each thread: Triton lays a (BLOCK_M, >= 32 * 8 * warps) tile out with every
-            # warp along the row, so one thread holds all BLOCK_M rows of its columns.
-            dw_acc += tl.sum(dy * xhat, axis=0)
     if COMPUTE_DW:
         tl.store(dw_part_ptr + pid * N + cols, dw_acc, mask=col_ok)
 
@@ -245,7 +264,13 @@ def rms_norm_bwd(dy, dh, x, weight, rstd, offset, casting, compute_dw, rows=None
     dx2 = dx.view(-1, n)
     if m == 0:
         return dx, (torch.zeros_like(weight) if compute_dw else None)
-    block_m, block_n, warps = _config(n, tile=None if rows is None else rows * triton.next_power_of_2(n))
+    for name, v in (("rows", rows), ("stages", stages), ("programs", programs)):
+        if v is not None and v < 1:
+            raise ValueError(f"rms_norm_bwd: {name}={v} must be >= 1")
+    if rows is not None and rows & (rows - 1):
+        raise ValueError(f"rms_norm_bwd: rows={rows} must be a power of two (a tile dimension)")
+    block_m, block_n, warps = _config(n)
+    block_m = rows or block_m
     tiles = triton.cdiv(m, block_m)
     if compute_dw:
         # BWD_DW_ELEMENTS_PER_THREAD of the tile per thread, between 4 and 16 warps (see the constants)
@@ -259,8 +284,6 @@ def rms_norm_bwd(dy, dh, x, weight, rstd, offset, casting, compute_dw, rows=None
         warps = num_warps or warps
         stages = stages or 1
         programs = programs or tiles
-    if block_m < 1 or stages < 1 or programs < 1:
-        raise ValueError(f"rms_norm_bwd: rows={rows}, stages={stages} and programs={programs} must be >= 1")
     grid = min(programs, tiles)
     dw_part = torch.empty((grid, n) if compute_dw else (1,), dtype=torch.float32, device=x.device)
     interpret = interpreting(x)

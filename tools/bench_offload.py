@@ -75,7 +75,7 @@ def main(argv=None):
     print(f"{'seq':>8} {'mode':<22} {'tokens/s':>10} {'peak GiB':>9}")
     for T in args.seq:
         for offload in (False, True):
-            enable_checkpointing(model, offload=offload)
+            enable_checkpointing(model, "offload" if offload else "on")
             mode = "checkpoint+offload" if offload else "checkpoint"
             try:
                 step(model, opt, min(T, 4096))  # warmup (kernels compiled, pinned pool primed)

@@ -52,8 +52,10 @@ def main(argv=None):
     p.add_argument("--bs", type=int, default=4)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--gc", default="on", choices=["on", "off", "offload"],
-                   help="gradient checkpointing per layer: on (the anchor table), off, or on with CPU offload")
+    p.add_argument("--gc", default="on", choices=["on", "off", "offload", "auto"],
+                   help="gradient checkpointing per layer: on (the anchor table), off, on with the layer inputs "
+                        "offloaded to CPU, or auto (keep the activations that fit --budget-gib)")
+    p.add_argument("--budget-gib", type=float, default=None, help="--gc auto: memory budget (default: the GPU's)")
     p.add_argument("--vocab", type=int, default=128256, help="token ids are drawn below this")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="")
@@ -81,8 +83,9 @@ def main(argv=None):
                                 load_in_4bit=args.quant == "4bit")
         hare.apply_lora(model, r=16, alpha=16, dropout=0.0,
                         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+        hook = None
         if args.gc != "off":
-            hare.enable_checkpointing(model, offload=args.gc == "offload")
+            hook = hare.enable_checkpointing(model, args.gc, args.budget_gib)
         sync()
         rec["load_s"] = round(time.time() - tl, 1)
         if cuda:
@@ -122,6 +125,9 @@ def main(argv=None):
         if cuda:
             rec.update(peak_alloc_gib=gib(torch.cuda.max_memory_allocated()),
                        peak_reserved_gib=gib(torch.cuda.max_memory_reserved()))
+        if hasattr(hook, "report"):
+            rec["checkpointing"] = hook.report()
+            print(rec["checkpointing"], flush=True)
         print("RESULT tok/s", rec["tokens_per_s"], "peak alloc", rec.get("peak_alloc_gib"), flush=True)
         if args.profile and cuda:
             rec["profile"] = profile_step(model, opt, batches[-1], args.profile)

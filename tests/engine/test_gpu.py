@@ -71,7 +71,7 @@ def test_qlora_offload_same_losses_less_memory(tmp_path):
                 parent, _, child = path.rpartition(".")
                 setattr(model.get_submodule(parent), child, Linear4bit.from_linear(m))
         apply_lora(model, r=16, seed=0)
-        enable_checkpointing(model, offload=offload)
+        enable_checkpointing(model, "offload" if offload else "on")
         opt = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-3, fused=True)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -456,9 +456,37 @@ def test_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, backend, of
         model = apply_lora(load_model(tiny_llama), r=4, alpha=8, seed=0, backend=backend)
         _randomize_B(model)
         if checkpointing:
-            enable_checkpointing(model, offload=offload)
+            enable_checkpointing(model, "offload" if offload else "on")
         loss = model(ids, labels=labels).loss
         loss.backward()
         grads.append([loss.detach()] + [p.grad for p in trainable_parameters(model).values()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+def test_auto_checkpointing_keeps_what_fits(tiny_llama):
+    """Mode "auto" with a stand-in allocator (each kept layer adds `a` bytes) and a budget for one kept layer:
+    layer 0 keeps its activations, layer 1 is recomputed, the report says so, and the loss and gradients equal
+    the plain run's."""
+    from hare.engine.offload import AutoCheckpointing
+    ids, labels = _batch(0)
+    grads, hooks = [], []
+    for auto in (False, True):
+        model = apply_lora(load_model(tiny_llama), r=4, alpha=8, seed=0)
+        _randomize_B(model)
+        n = len(model.model.layers)
+        if auto:
+            x_bytes = ids.numel() * model.config.hidden_size * 4
+            a = 2 * x_bytes
+            # layer 0: 0 + a + x_bytes (layer 1's saved input) + a (reserve) fits; layer 1: a + a + a does not
+            hook = AutoCheckpointing(n, budget=2 * a + x_bytes, margin=0, layer_bytes=a,
+                                     allocated=lambda: a * len(hooks[0].plan["kept"]))
+            model.model.run_layer = hook
+            hooks.append(hook)
+        loss = model(ids, labels=labels).loss
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad for p in trainable_parameters(model).values()])
+    for x, y in zip(*grads):
+        assert torch.equal(x, y)
+    assert n == 2 and hooks[0].plan == {"kept": [0], "checkpointed": [1]}
+    assert "1 of 2 layers keep their activations, 1 recomputed" in hooks[0].report()

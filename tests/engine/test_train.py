@@ -127,13 +127,15 @@ def test_accumulation_of_uneven_micro_batches_equals_one_batch(tiny_llama, tok):
         assert (a - b.grad).abs().max() <= 1e-10 * b.grad.abs().max()
 
 
-@pytest.mark.parametrize("offload", [False, True])
-def test_gradient_checkpointing_changes_nothing(tiny_llama, tok, tmp_path, offload):
-    """Recomputed layers (inputs kept, or offloaded and brought back) give the very same run, dropout included."""
+@pytest.mark.parametrize("mode", ["on", "offload", "auto"])
+def test_gradient_checkpointing_changes_nothing(tiny_llama, tok, tmp_path, mode):
+    """Recomputed layers (inputs kept, or offloaded and brought back; "auto" with a budget that fits no layer)
+    give the very same run, dropout included."""
     records = _records(16)
     runs = []
-    for ckpt in (False, True):
-        cfg = _cfg(tmp_path / f"{ckpt}", gradient_checkpointing=ckpt, offload_checkpoints=ckpt and offload,
+    for ckpt in ("off", mode):
+        budget = 1e-6 if ckpt == "auto" else 0.0
+        cfg = _cfg(tmp_path / f"{ckpt}", checkpointing=ckpt, checkpoint_budget_gib=budget,
                    lora=dict(r=4, alpha=8, seed=0, dropout=0.1), max_steps=4)
         runs.append(train(load_model(tiny_llama), tok, records, cfg).losses)
     assert runs[0] == runs[1]

@@ -3,7 +3,8 @@ the tolerance derived from the ref run in the kernel's own dtype (tests/toleranc
 import pytest
 import torch
 
-from hare.kernels.rms_norm import RMSNormFunction, rms_norm, rms_norm_ref, rms_norm_residual, rms_norm_residual_ref
+from hare.kernels.rms_norm import (RMSNormFunction, rms_norm, rms_norm_bwd, rms_norm_fwd, rms_norm_ref,
+                                   rms_norm_residual, rms_norm_residual_ref)
 from tests.tolerance import assert_close_to_ref
 
 # interpreter noise: it converts 1-element arrays to loop bounds with int()
@@ -154,3 +155,82 @@ def test_preconditions():
         rms_norm_residual(x, torch.randn(3, 64, dtype=torch.float64), torch.ones(64), EPS, backend="triton")
     with pytest.raises(ValueError, match="x.shape"):
         rms_norm(torch.randn(1, 70000), torch.ones(70000), EPS, backend="triton")
+
+
+# Launch configurations of the backward with dw (kernels/rms_norm.py: rows per step, stages, programs): each
+# program takes the row tiles p, p + P, ...; a tile may hang over the last row; a program may get no tile at all
+# (more programs than tiles are clamped) or one more than another; stage 2 sums P partial rows in chunks of
+# DW_SUM_ROWS. On the interpreter `stages` is a plain loop, but every value must still trace and run.
+BWD_CONFIGS = {
+    # 7 rows, tiles of 2: 4 tiles, the last hangs over; 3 programs: program 0 takes tiles 0 and 3
+    "rows2_uneven": ((7, 123), dict(rows=2, programs=3, stages=2)),
+    # 7 rows, tiles of 4: 2 tiles, the second has 3 real rows
+    "rows4_tail": ((7, 123), dict(rows=4, programs=2, stages=3, num_warps=4)),
+    # a single row, more programs asked than tiles
+    "single_row": ((1, 123), dict(rows=1, programs=4, stages=4)),
+    # many programs with one row each: 150 partial rows, more than one stage-2 chunk (DW_SUM_ROWS = 128)
+    "many_programs": ((150, 40), dict(rows=1, programs=200, stages=2)),
+    # rows longer than a stage-2 column block (32) and not a multiple of it, one program for all rows
+    "one_program": ((9, 77), dict(rows=2, programs=1, stages=3)),
+}
+
+
+def _bwd_case(shape, dtype, cfg, residual, casting, offset, compute_dw=True, seed=7):
+    """dx (and dw) of rms_norm_bwd under launch overrides `cfg`, vs the ref's gradients in fp64, tolerance
+    from the ref's gradients in the inputs' own dtype."""
+    gen, x, w, res = _inputs(shape, dtype, offset, seed=seed)
+    dy = torch.randn(shape, generator=gen).to(dtype)
+    dh = torch.randn(shape, generator=gen).to(dtype) if residual else None
+    w.requires_grad_(compute_dw)
+    with torch.no_grad():
+        xd, wd, rd = x.detach().to(DEVICE), w.detach().to(DEVICE), res.detach().to(DEVICE)
+        y, h, rstd = rms_norm_fwd(xd, wd, EPS, offset, casting, residual=rd if residual else None)
+        dx, dw = rms_norm_bwd(dy.to(DEVICE), dh.to(DEVICE) if residual else None, h if residual else xd, wd, rstd,
+                              offset, casting, compute_dw, **cfg)
+    assert (dw is None) == (not compute_dw)
+    if residual:
+        fn, inputs, douts = (lambda x, r, w: rms_norm_residual_ref(x, r, w, EPS, offset, casting),
+                             [x, res, w], [dy, dh])
+    else:
+        fn, inputs, douts = lambda x, w: rms_norm_ref(x, w, EPS, offset, casting), [x, w], [dy]
+    want = _outputs_and_grads(fn, [t.double().requires_grad_(t.requires_grad) for t in inputs],
+                              [d.double() for d in douts])
+    control = _outputs_and_grads(fn, inputs, douts)
+    n_out = len(douts)
+    got = [dx, dx] if residual else [dx]  # dresidual == dx
+    got += [dw] if compute_dw else []
+    names = (["dx", "dresidual"] if residual else ["dx"]) + (["dw"] if compute_dw else [])
+    for name, g, wnt, c in zip(names, got, want[n_out:], control[n_out:], strict=True):
+        assert g.dtype == c.dtype, f"{name}: dtype {g.dtype} != ref's {c.dtype}"
+        assert_close_to_ref(g.cpu(), wnt.cpu(), c.cpu(), name)
+
+
+@pytest.mark.parametrize("case", list(BWD_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_rms_norm_bwd_launch_configs(case, dtype):
+    shape, cfg = BWD_CONFIGS[case]
+    _bwd_case(shape, dtype, cfg, residual=False, casting="llama", offset=0.0)
+
+
+@pytest.mark.parametrize("case", ["rows2_uneven", "single_row", "one_program"])
+@pytest.mark.parametrize("casting", ["llama", "gemma"])
+def test_rms_norm_residual_bwd_launch_configs(case, casting):
+    shape, cfg = BWD_CONFIGS[case]
+    _bwd_case(shape, torch.bfloat16, cfg, residual=True, casting=casting, offset=1.0, seed=8)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_rms_norm_bwd_frozen_strided_programs(residual):
+    # frozen weight with fewer programs than tiles: the same strided row loop, no partial buffer
+    _bwd_case((7, 123), torch.bfloat16, dict(rows=2, programs=2, stages=2), residual=residual, casting="llama",
+              offset=0.0, compute_dw=False, seed=9)
+
+
+def test_rms_norm_bwd_config_preconditions():
+    x = torch.randn(4, 64, device=DEVICE)
+    w = torch.ones(64, device=DEVICE)
+    _, _, rstd = rms_norm_fwd(x, w, EPS, 0.0, "llama")
+    for bad, match in ((dict(rows=3), "power of two"), (dict(rows=0), "rows"), (dict(stages=0), "stages"),
+                       (dict(programs=0), "programs")):
+        with pytest.raises(ValueError, match=match):
+            rms_norm_bwd(x, None, x, w, rstd, 0.0, "llama", True, **bad)
