@@ -29,7 +29,7 @@ from ._triton import cast
 # per thread, 16-byte bf16 loads). Measured (H200, 8192-16384 x 14336 bf16, tanh): forward and backward
 # 4.0-4.1 TB/s = 96-98% of the 4.2 TB/s copy.
 from .swiglu import _check as _check_pair
-from .swiglu import _launch, _rows
+from .swiglu import _launch, _rows, fold_args, load_gate_up
 
 APPROXIMATIONS = ("tanh", "none")
 
@@ -69,19 +69,21 @@ def _geglu_fwd_kernel(
     y_ptr,  # (M, N) out, row stride y_row
     M, N,  # rows, row length
     g_row, u_row, y_row,  # row strides in elements
+    ag_ptr, bg_ptr, au_ptr, bu_ptr,  # folded adapters (LORA_G / LORA_U), as in swiglu
+    r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,
+    LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     TANH: tl.constexpr,  # tanh approximation vs exact erf
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
+                        ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    row = rows.to(tl.int64)[:, None]  # row * stride can pass 2^31
-    cols = cols[None, :]
-    g = tl.load(g_ptr + row * g_row + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
+    out = rows.to(tl.int64)[:, None] * y_row + cols[None, :]  # row * stride can pass 2^31
     act, _ = _gelu_and_grad(g, TANH)  # the unused derivative is dead code, removed by the compiler
-    tl.store(y_ptr + row * y_row + cols, cast(act * u, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(y_ptr + out, cast(act * u, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -94,6 +96,9 @@ def _geglu_bwd_kernel(
     h_ptr,  # (M, N) out when STORE_H: the activation act(g) * u, row stride h_row
     M, N,  # rows, row length
     dy_row, g_row, u_row, dg_row, du_row, h_row,  # row strides in elements
+    ag_ptr, bg_ptr, au_ptr, bu_ptr,  # folded adapters, as in the forward
+    r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,
+    LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     STORE_H: tl.constexpr,  # also write the forward's output (the fused MLP needs it for down_proj's adapter)
     TANH: tl.constexpr,  # tanh approximation vs exact erf
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
@@ -101,12 +106,12 @@ def _geglu_bwd_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
+                        ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     row = rows.to(tl.int64)[:, None]
     cols = cols[None, :]
     dy = tl.load(dy_ptr + row * dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * g_row + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
     act, grad = _gelu_and_grad(g, TANH)
     # dup = dy gelu(g) ; dgate = dy up gelu'(g)
     tl.store(du_ptr + row * du_row + cols, cast(dy * act, du_ptr.dtype.element_ty, INTERPRET), mask=mask)
@@ -121,20 +126,22 @@ def _check(gate, up, approximate):
     _check_pair(gate, up)
 
 
-def geglu_fwd(gate, up, approximate, block=None, num_warps=None):
+def geglu_fwd(gate, up, approximate, block=None, num_warps=None, fold=None):
+    """gelu(gate) * up; fold: adapters added to gate and up inside the kernel (swiglu.fold_args)."""
     n = gate.shape[-1]
     g2, u2 = _rows(gate, n), _rows(up, n)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     y2 = y.view(-1, n)
     if y.numel():
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps)
+        lora_args, meta = fold_args(fold, g2)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)
         _geglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0),
-                                TANH=approximate == "tanh", INTERPRET=interpreting(y), **cfg)
+                                *lora_args, TANH=approximate == "tanh", INTERPRET=interpreting(y), **meta, **cfg)
     return y
 
 
-def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None, inplace=False):
-    """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy), h = gelu(g) up: see
+def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None, inplace=False, fold=None):
+    """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy), h = gelu(g) up; fold: see
     swiglu_bwd."""
     n = gate.shape[-1]
     dy2, g2, u2 = _rows(dy, n), _rows(gate, n), _rows(up, n)
@@ -145,11 +152,12 @@ def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None, inplace=Fal
         du2 = torch.empty((u2.shape[0], n), dtype=up.dtype, device=up.device)
         h2 = dg2  # not written
     if dg2.numel():
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps)
+        lora_args, meta = fold_args(fold, g2)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)
         _geglu_bwd_kernel[grid](
             dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
             dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),
-            STORE_H=inplace, TANH=approximate == "tanh", INTERPRET=interpreting(dg2), **cfg)
+            *lora_args, STORE_H=inplace, TANH=approximate == "tanh", INTERPRET=interpreting(dg2), **meta, **cfg)
     shape = gate.shape
     if inplace:
         return dg2.view(shape), du2.view(shape), h2.view(shape)

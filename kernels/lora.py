@@ -23,9 +23,17 @@ kernels/swiglu.py and kernels/geglu.py:
 
 What the fused functions keep for backward: x, g, u, A, B and the small (tokens x r) products x A^T; the base
 weights are referenced, never copied: a 16-bit W is the parameter itself, a 4-bit W stays packed and is
-dequantized again in backward into a temporary that dies right after its GEMM. h is recomputed from g and u in
-backward (one elementwise kernel) instead of being stored: it is a (tokens x intermediate) tensor per layer.
-Plain autograd over the same ops would keep x, g, u, h and every dequantized W.
+dequantized again in backward into a temporary that dies right after its GEMM. h is not stored (it is a
+(tokens x intermediate) tensor per layer): the activation's backward kernel writes it, with dg and du, over
+dh, g and u, which nothing needs afterwards. Plain autograd over the same ops would keep x, g, u, h and every
+dequantized W, and allocate dg, du and dh beside them.
+
+Gate's and up's adapter terms s (x A^T) B^T are folded into the activation kernels (fwd and bwd): g and u are
+kept as the base outputs x W^T + b, and the kernels add the rank-r product tile by tile (a tl.dot with K = r)
+before the activation. The alternative, y.addmm_(x A^T, B^T), is a GEMM whose cost is reading and writing the
+whole (tokens x intermediate) output once more: 0.18 ms per call at 8192 x 14336 bf16 on an H200, 24 ms per
+training step of Llama-3.1-8B (BENCHMARKS.md, profile). The sum is then formed in fp32 and not rounded to the
+compute dtype before the activation: one rounding fewer than the reference, never one more.
 
 Dtypes (the one place they are decided): the compute dtype is the input's (bf16 on the GPU). A 16-bit base must
 already be in it; a 4-bit base is dequantized to it. Adapters may be kept in fp32 (master weights for the
@@ -198,15 +206,29 @@ class LoRALinearsFunction(torch.autograd.Function):
         return (dx, None, None, None, *grads)
 
 
-def _act_fwd(act, g, u):
-    return swiglu_fwd(g, u) if act == "silu" else geglu_fwd(g, u, _approximate(act))
+def _act_fwd(act, g, u, fold=None):
+    return swiglu_fwd(g, u, fold=fold) if act == "silu" else geglu_fwd(g, u, _approximate(act), fold=fold)
 
 
-def _act_bwd_inplace(act, dh, g, u):
+def _act_bwd_inplace(act, dh, g, u, fold=None):
     """(dg, du, h) written over (g, u, dh): one pass, no new (tokens x intermediate) buffer."""
     if act == "silu":
-        return swiglu_bwd(dh, g, u, inplace=True)
-    return geglu_bwd(dh, g, u, _approximate(act), inplace=True)
+        return swiglu_bwd(dh, g, u, inplace=True, fold=fold)
+    return geglu_bwd(dh, g, u, _approximate(act), inplace=True, fold=fold)
+
+
+def _gate_up_fold(x2, ab, scales):
+    """Whether gate's and up's adapter terms go into the activation kernel (kernels/swiglu.py fold_args) instead
+    of a GEMM pass adding s (x A^T) B^T to each (tokens x intermediate) output: tl.dot dtypes, one shared rank."""
+    ranks = {A.shape[0] for A in (ab[0], ab[2]) if A is not None}
+    return x2.dtype in (torch.float16, torch.bfloat16, torch.float32) and len(ranks) == 1
+
+
+def _fold(ab, xa_g, xa_u, scales, dt):
+    """The activation kernels' fold tuple (xa_g, B_g, s_g, xa_u, B_u, s_u), None for a side without adapter."""
+    B_g, B_u = ab[1], ab[3]
+    return (xa_g, None if B_g is None else B_g.to(dt), scales[0], xa_u, None if B_u is None else B_u.to(dt),
+            scales[1])
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -224,10 +246,21 @@ class LoRAMLPFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weights, biases, scales, act, need_output, *ab):
         x2 = x.reshape(-1, x.shape[-1])
-        g, xa_g = _forward_one(x2, weights[0], biases[0], ab[0], ab[1], scales[0])
-        u, xa_u = _forward_one(x2, weights[1], biases[1], ab[2], ab[3], scales[1])
+        dt = x2.dtype
+        fold = None
+        if _gate_up_fold(x2, ab, scales):
+            # g and u stay the base outputs; the activation kernels add their adapter terms (saved that way too)
+            g = F.linear(x2, dense(weights[0], dt), biases[0])
+            u = F.linear(x2, dense(weights[1], dt), biases[1])
+            xa_g = None if ab[0] is None else x2 @ ab[0].to(dt).t()
+            xa_u = None if ab[2] is None else x2 @ ab[2].to(dt).t()
+            fold = _fold(ab, xa_g, xa_u, scales, dt)
+        else:
+            g, xa_g = _forward_one(x2, weights[0], biases[0], ab[0], ab[1], scales[0])
+            u, xa_u = _forward_one(x2, weights[1], biases[1], ab[2], ab[3], scales[1])
+        ctx.folded = fold is not None
         if need_output:
-            h = _act_fwd(act, g, u)
+            h = _act_fwd(act, g, u, fold)
             y, ha_d = _forward_one(h, weights[2], biases[2], ab[4], ab[5], scales[2])
             del h  # recomputed in backward from g and u
         else:
@@ -258,7 +291,8 @@ class LoRAMLPFunction(torch.autograd.Function):
             dyb = dy2 @ B_d.to(dt)
             dh.addmm_(dyb, A_d.to(dt), alpha=s_d)
         # the activation's backward, with h (down's input, needed by its adapter) from the same pass
-        dg, du, h = _act_bwd_inplace(ctx.act, dh, g, u)
+        fold = _fold(ab, xa_g, xa_u, ctx.scales, dt) if ctx.folded else None
+        dg, du, h = _act_bwd_inplace(ctx.act, dh, g, u, fold)
         del g, u, dh
         dA_d = dB_d = None
         if A_d is not None:

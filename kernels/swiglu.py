@@ -39,24 +39,62 @@ def _sigmoid_pair(x):
 
 
 @triton.jit
+def lora_term(xa_ptr, b_ptr, rows, cols, M, N, r, xa_row, b_row,
+              R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) tile of xa[rows, :r] @ B[cols, :r]^T: the low-rank part of a LoRA projection's
+    output, for a kernel that reads the base output anyway (R >= 16: the rank padded for tl.dot; UPCAST on the
+    interpreter, whose tl.dot on bf16 is garbage; PREC "ieee" for fp32 inputs, never tf32)."""
+    k = tl.arange(0, R)
+    xa = tl.load(xa_ptr + rows.to(tl.int64)[:, None] * xa_row + k[None, :],
+                 mask=(rows < M)[:, None] & (k < r)[None, :], other=0.0)
+    b = tl.load(b_ptr + cols.to(tl.int64)[None, :] * b_row + k[:, None],
+                mask=(k < r)[:, None] & (cols < N)[None, :], other=0.0)
+    if UPCAST:
+        return tl.dot(xa.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+    else:
+        return tl.dot(xa, b, input_precision=PREC)
+
+
+@triton.jit
+def load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row,
+                 ag_ptr, bg_ptr, au_ptr, bu_ptr, r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,
+                 LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr,
+                 PREC: tl.constexpr):
+    """fp32 tiles of gate and up, each base output plus scale * (x A^T) B^T when its adapter is folded in
+    (LORA_G / LORA_U). The forward and backward kernels both load through here, so they see the same g and u
+    bit for bit."""
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    row = rows.to(tl.int64)[:, None]  # row * stride can pass 2^31
+    g = tl.load(g_ptr + row * g_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * u_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if LORA_G:
+        g += scale_g * lora_term(ag_ptr, bg_ptr, rows, cols, M, N, r, ag_row, bg_row, R, UPCAST, PREC)
+    if LORA_U:
+        u += scale_u * lora_term(au_ptr, bu_ptr, rows, cols, M, N, r, au_row, bu_row, R, UPCAST, PREC)
+    return g, u
+
+
+@triton.jit
 def _swiglu_fwd_kernel(
     g_ptr,  # (M, N) gate rows, row stride g_row, last dim contiguous
     u_ptr,  # (M, N) up rows, row stride u_row
     y_ptr,  # (M, N) out, row stride y_row
     M, N,  # rows, row length
     g_row, u_row, y_row,  # row strides in elements
+    ag_ptr, bg_ptr, au_ptr, bu_ptr,  # folded adapters (LORA_G / LORA_U): x A^T (M, r) and B (N, r) of gate, up
+    r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,  # their rank, row strides and scales
+    LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
+                        ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
-    row = rows.to(tl.int64)[:, None]  # row * stride can pass 2^31
-    cols = cols[None, :]
-    g = tl.load(g_ptr + row * g_row + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
+    out = rows.to(tl.int64)[:, None] * y_row + cols[None, :]
     s, _ = _sigmoid_pair(g)
-    tl.store(y_ptr + row * y_row + cols, cast(g * s * u, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    tl.store(y_ptr + out, cast(g * s * u, y_ptr.dtype.element_ty, INTERPRET), mask=mask)
 
 
 @triton.jit
@@ -69,18 +107,21 @@ def _swiglu_bwd_kernel(
     h_ptr,  # (M, N) out when STORE_H: the activation act(g) * u, row stride h_row
     M, N,  # rows, row length
     dy_row, g_row, u_row, dg_row, du_row, h_row,  # row strides in elements
+    ag_ptr, bg_ptr, au_ptr, bu_ptr,  # folded adapters, as in the forward
+    r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,
+    LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     STORE_H: tl.constexpr,  # also write the forward's output (the fused MLP needs it for down_proj's adapter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
+                        ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     row = rows.to(tl.int64)[:, None]
     cols = cols[None, :]
     dy = tl.load(dy_ptr + row * dy_row + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * g_row + cols, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + row * u_row + cols, mask=mask, other=0.0).to(tl.float32)
     s, one_minus_s = _sigmoid_pair(g)
     # dup = dy silu(g) ; dgate = dy up s (1 + g (1 - s))
     tl.store(du_ptr + row * du_row + cols, cast(dy * g * s, du_ptr.dtype.element_ty, INTERPRET), mask=mask)
@@ -104,33 +145,70 @@ def _check(gate, up):
         raise ValueError(f"gate must be a floating tensor with at least one dim, got {gate.dtype} {tuple(gate.shape)}")
 
 
-def _launch(m, n, block=None, num_warps=None):
+def _launch(m, n, block=None, num_warps=None, folded=False):
     """grid and tile for (m, n) rows: `block` elements per program (short rows share a program); the arguments
-    override BLOCK and NUM_WARPS (tools/bench_kernels.py --sweep)."""
-    block = block or BLOCK
-    block_n = min(triton.next_power_of_2(n), block)
-    block_m = block // block_n
+    override BLOCK and NUM_WARPS (tools/bench_kernels.py --sweep). With folded adapters the tile is FOLD_TILE:
+    tl.dot needs >= 16 rows and columns."""
+    if folded:
+        block_m, block_n = FOLD_TILE
+        num_warps = num_warps or FOLD_WARPS
+    else:
+        block = block or BLOCK
+        block_n = min(triton.next_power_of_2(n), block)
+        block_m = block // block_n
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     return grid, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
 
 
-def swiglu_fwd(gate, up, block=None, num_warps=None):
+# Tile when adapters are folded in (rows x columns, warps): 4096 elements as the plain kernel's 4 tiles; the
+# low-rank product is a (32 x 16) @ (16 x 128) tl.dot per tile, negligible next to the memory traffic.
+FOLD_TILE = (32, 128)
+FOLD_WARPS = 4
+
+
+def fold_args(fold, ref):
+    """(arguments, constexprs) of the kernels for adapters folded into the activation. fold: None, or
+    (xa_g, B_g, scale_g, xa_u, B_u, scale_u) with xa = x A^T (rows, r) and B (N, r) in the compute dtype, either
+    pair None (that side has no adapter). Both sides must share the rank."""
+    ag, bg, sg, au, bu, su = fold if fold is not None else (None,) * 6
+    ranks = {t.shape[-1] for t in (ag, au) if t is not None}
+    if len(ranks) > 1:
+        raise ValueError(f"gate and up adapters folded into one activation must share a rank, got {sorted(ranks)}")
+    r = ranks.pop() if ranks else 0
+    for t in (ag, bg, au, bu):
+        if t is not None and (t.stride(-1) != 1 or t.dtype != ref.dtype):
+            raise ValueError(f"folded adapter tensors must be row-major in {ref.dtype}, got {t.dtype} "
+                             f"strides {t.stride()}")
+    ag, bg = (ag, bg) if ag is not None else (ref, ref)
+    au, bu = (au, bu) if au is not None else (ref, ref)
+    args = [ag, bg, au, bu, r, ag.stride(0), bg.stride(0), au.stride(0), bu.stride(0), float(sg or 0.0),
+            float(su or 0.0)]
+    meta = dict(LORA_G=fold is not None and fold[0] is not None, LORA_U=fold is not None and fold[3] is not None,
+                R=max(16, triton.next_power_of_2(max(r, 1))), UPCAST=interpreting(ref),
+                PREC="ieee" if ref.dtype == torch.float32 else "tf32")
+    return args, meta
+
+
+def swiglu_fwd(gate, up, block=None, num_warps=None, fold=None):
+    """silu(gate) * up; fold: adapters added to gate and up inside the kernel (see fold_args)."""
     n = gate.shape[-1]
     g2, u2 = _rows(gate, n), _rows(up, n)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     y2 = y.view(-1, n)
     if y.numel():
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps)
+        lora_args, meta = fold_args(fold, g2)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)
         _swiglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0),
-                                 INTERPRET=interpreting(y), **cfg)
+                                 *lora_args, INTERPRET=interpreting(y), **meta, **cfg)
     return y
 
 
-def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False):
+def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=None):
     """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy): each element is read before
     it is written by the same thread, so no extra (tokens x intermediate) buffer is needed, and h = silu(g) up
     (the forward's output) comes out of the same pass. The inputs are consumed: the fused MLP's backward uses
-    this (kernels/lora.py), where gate, up and dy are its own temporaries."""
+    this (kernels/lora.py), where gate, up and dy are its own temporaries. fold: as in swiglu_fwd (gate and
+    up are then the base outputs; the gradients are those of the full gate and up)."""
     n = gate.shape[-1]
     dy2, g2, u2 = _rows(dy, n), _rows(gate, n), _rows(up, n)
     if inplace:
@@ -140,11 +218,12 @@ def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False):
         du2 = torch.empty((u2.shape[0], n), dtype=up.dtype, device=up.device)
         h2 = dg2  # not written
     if dg2.numel():
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps)
+        lora_args, meta = fold_args(fold, g2)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)
         _swiglu_bwd_kernel[grid](
             dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
             dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),
-            STORE_H=inplace, INTERPRET=interpreting(dg2), **cfg)
+            *lora_args, STORE_H=inplace, INTERPRET=interpreting(dg2), **meta, **cfg)
     shape = gate.shape
     if inplace:
         return dg2.view(shape), du2.view(shape), h2.view(shape)

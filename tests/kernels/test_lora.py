@@ -195,11 +195,11 @@ def test_mlp_without_output_gives_the_same_gradients(act):
     grads = []
     for need_output in (True, False):
         projections = _cast([_proj(inter, seed=7), _proj(inter, seed=8), _proj(IN, inp=inter, seed=9)],
-                            torch.float64)
-        x = torch.randn(2, 9, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+                            torch.float32)
+        x = torch.randn(2, 9, IN, dtype=torch.float32, generator=torch.Generator().manual_seed(10))
         x.requires_grad_()
         y = lora.lora_mlp(x, *projections, act=act, backend="triton", need_output=need_output)
-        dy = torch.randn(y.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+        dy = torch.randn(y.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(11))
         y.backward(dy, retain_graph=True)
         grads.append([x.grad] + [t.grad for p in projections for t in p[2:4]])
         with pytest.raises(RuntimeError, match="retain_graph"):
