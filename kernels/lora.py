@@ -136,6 +136,12 @@ def lora_mlp_ref(x, gate, up, down, act):
 # Fused autograd functions
 # ---------------------------------------------------------------------------------------------------------------
 
+def _compute_dtype(ab, dt):
+    """The adapters cast once per forward to the compute dtype (fp32 masters -> bf16), and saved that way: the
+    backward then casts nothing (one copy kernel per use otherwise; the copies are r x (in + out) each)."""
+    return [None if t is None else t.to(dt) for t in ab]
+
+
 def _forward_one(x2, weight, bias, A, B, s):
     """(tokens, out) output and the (tokens, r) product x A^T (None without an adapter)."""
     dt = x2.dtype
@@ -146,10 +152,11 @@ def _forward_one(x2, weight, bias, A, B, s):
     return y.addmm_(xa, B.to(dt).t(), alpha=s), xa
 
 
-def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab):
+def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab, ab_dtypes):
     """Gradients of projections sharing the input x2 (tokens, in), from their output gradients dys.
 
     dx = sum_i dy_i W_i + s_i (dy_i B_i) A_i,  dA_i = s_i (dy_i B_i)^T x,  dB_i = s_i dy_i^T (x A_i^T).
+    ab: the adapters in the compute dtype; ab_dtypes: their parameters' dtypes, which the gradients take.
     Returns (dx or None, [dA_0, dB_0, dA_1, ...])."""
     dt = x2.dtype
     dx = None
@@ -168,9 +175,9 @@ def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab):
         if need_dx:
             dx.addmm_(dyb, A.to(dt), alpha=s)
         if need_ab[2 * i]:
-            grads[2 * i] = (dyb.t() @ x2).mul_(s).to(A.dtype)
+            grads[2 * i] = (dyb.t() @ x2).mul_(s).to(ab_dtypes[2 * i])
         if need_ab[2 * i + 1]:
-            grads[2 * i + 1] = (dy.t() @ xas[i]).mul_(s).to(B.dtype)
+            grads[2 * i + 1] = (dy.t() @ xas[i]).mul_(s).to(ab_dtypes[2 * i + 1])
     return dx, grads
 
 
@@ -184,6 +191,8 @@ class LoRALinearsFunction(torch.autograd.Function):
     def forward(ctx, x, weights, biases, scales, *ab):
         ctx.set_materialize_grads(False)  # an unused output (e.g. no loss through v) sends None: skip it
         x2 = x.reshape(-1, x.shape[-1])
+        ctx.ab_dtypes = [None if t is None else t.dtype for t in ab]
+        ab = _compute_dtype(ab, x2.dtype)
         outs, xas = [], []
         for i, (w, b, s) in enumerate(zip(weights, biases, scales)):
             y, xa = _forward_one(x2, w, b, ab[2 * i], ab[2 * i + 1], s)
@@ -200,7 +209,7 @@ class LoRALinearsFunction(torch.autograd.Function):
         ab, xas = rest[:2 * n], rest[2 * n:]
         dys = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
         dx, grads = _backward_shared(x2, dys, ctx.weights, ab, xas, ctx.scales, ctx.needs_input_grad[0],
-                                     ctx.needs_input_grad[4:])
+                                     ctx.needs_input_grad[4:], ctx.ab_dtypes)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return (dx, None, None, None, *grads)
@@ -247,6 +256,8 @@ class LoRAMLPFunction(torch.autograd.Function):
     def forward(ctx, x, weights, biases, scales, act, need_output, *ab):
         x2 = x.reshape(-1, x.shape[-1])
         dt = x2.dtype
+        ctx.ab_dtypes = [None if t is None else t.dtype for t in ab]
+        ab = _compute_dtype(ab, dt)
         fold = None
         if _gate_up_fold(x2, ab, scales):
             # g and u stay the base outputs; the activation kernels add their adapter terms (saved that way too)
@@ -298,14 +309,14 @@ class LoRAMLPFunction(torch.autograd.Function):
         if A_d is not None:
             # dA_d = s_d (dy B_d)^T h ;  dB_d = s_d dy^T (h A_d^T)
             if need[10]:
-                dA_d = (dyb.t() @ h).mul_(s_d).to(A_d.dtype)
+                dA_d = (dyb.t() @ h).mul_(s_d).to(ctx.ab_dtypes[4])
             if need[11]:
                 if ha_d is None:
                     ha_d = h @ A_d.to(dt).t()
-                dB_d = (dy2.t() @ ha_d).mul_(s_d).to(B_d.dtype)
+                dB_d = (dy2.t() @ ha_d).mul_(s_d).to(ctx.ab_dtypes[5])
         del h
         dx, grads = _backward_shared(x2, [dg, du], ctx.weights[:2], ab[:4], [xa_g, xa_u], ctx.scales[:2],
-                                     need[0], need[6:10])
+                                     need[0], need[6:10], ctx.ab_dtypes[:4])
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return (dx, None, None, None, None, None, *grads, dA_d, dB_d)
