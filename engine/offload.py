@@ -14,10 +14,10 @@ input can be moved):
     forward:  stash x; y = layer(x) without recording; remember the RNG state (dropout masks)
     backward: x = unstash; y = layer(x) recorded, with the same RNG state; (dx, d params) = vjp(y, dy)
 
-The recomputation asks the layer for the branches whose sum is y rather than y (`need_output=False`,
-models/decoder.py): y's value is never needed, only its graph, so the layer skips the GEMM whose only use is y
-(down_proj's forward, ~27% of a Llama layer's recompute FLOPs) and the final residual add. The vjp of a sum hands
-dy to every branch.
+The recomputation asks the layer for the branches whose sum is y rather than y (DecoderLayer.recompute): y's
+value is never needed, only its graph, so the layer skips the GEMM whose only use is y (down_proj's forward,
+~27% of a Llama layer's recompute FLOPs) and the final residual add; the vjp of a sum hands dy to every branch.
+With offload the mid residual h is stashed as well and o_proj's GEMM is skipped too (another ~8%).
 
 The layer's trainable parameters are explicit inputs of the function, so their gradients flow back as its
 outputs even when x itself needs no gradient (layer 0 under frozen embeddings).
@@ -99,30 +99,33 @@ class Offloader:
 
 
 class CheckpointFunction(torch.autograd.Function):
-    """apply(run, stash, x, *params): y = run(x, True) in forward; in backward run(x, False) gives the branches
-    whose sum is y (a tensor or a tuple of tensors), recorded; see the module docstring."""
+    """apply(layer_fns, stash, x, *params) with layer_fns = (forward, recompute): forward(x) -> (y, mids) runs
+    unrecorded, x and the tensors `mids` are stashed; in backward recompute(x, mids) gives the branches whose sum
+    is y (a tuple), recorded, and their vjp with dy is the layer's. See the module docstring."""
 
     @staticmethod
-    def forward(ctx, run, stash, x, *params):
-        ctx.run, ctx.stash = run, stash
+    def forward(ctx, layer_fns, stash, x, *params):
+        ctx.recompute, ctx.stash = layer_fns[1], stash
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        ctx.handle = stash.save(x)
         ctx.save_for_backward(*params)
         with torch.no_grad():
-            return run(x, True)
+            y, mids = layer_fns[0](x)
+        ctx.handles = [stash.save(t) for t in (x, *mids)]
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         params = ctx.saved_tensors
         need_x, need_p = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
-        x = ctx.stash.load(ctx.handle).detach().requires_grad_(need_x)
+        # the last stashed first: with offload each load starts bringing back the one stashed before it
+        x, *mids = reversed([ctx.stash.load(h) for h in reversed(ctx.handles)])
+        x = x.detach().requires_grad_(need_x)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad():
             torch.set_rng_state(ctx.cpu_rng)  # the same dropout masks as in the forward
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
-            branches = ctx.run(x, False)
-        branches = branches if isinstance(branches, tuple) else (branches,)
+            branches = ctx.recompute(x, mids)
         wanted = ([x] if need_x else []) + [p for p, need in zip(params, need_p) if need]
         grads = list(torch.autograd.grad(branches, wanted, [dy] * len(branches), allow_unused=True))
         dx = grads.pop(0) if need_x else None
@@ -130,7 +133,11 @@ class CheckpointFunction(torch.autograd.Function):
 
 
 class LayerCheckpointing:
-    """The decoder's `run_layer` hook: run_layer(layer, x, rope, doc_ids) -> the layer's output, checkpointed."""
+    """The decoder's `run_layer` hook: run_layer(layer, x, rope, doc_ids) -> the layer's output, checkpointed.
+
+    With offload the layer's mid residual h (between attention and MLP) is stashed too: one more hidden-size
+    tensor per layer on the PCIe link, and the recomputation skips o_proj's GEMM (DecoderLayer.recompute).
+    On the device ("on") only x is kept, the smallest footprint."""
 
     def __init__(self, offload: bool = False):
         self.offload = offload
@@ -138,10 +145,18 @@ class LayerCheckpointing:
 
     def __call__(self, layer, x, rope, doc_ids):
         params = [p for p in layer.parameters() if p.requires_grad]
-        def run(inp, need_output):
-            return layer(inp, rope, doc_ids, need_output=need_output)
+        save_mid = self.offload and not layer.sandwich
 
-        return CheckpointFunction.apply(run, self.stash, x, *params)
+        def forward(inp):
+            if save_mid:
+                y, h = layer(inp, rope, doc_ids, keep_mid=True)
+                return y, (h,)
+            return layer(inp, rope, doc_ids), ()
+
+        def recompute(inp, mids):
+            return layer.recompute(inp, rope, doc_ids, *mids)
+
+        return CheckpointFunction.apply((forward, recompute), self.stash, x, *params)
 
 
 class AutoCheckpointing:

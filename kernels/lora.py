@@ -184,19 +184,25 @@ def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab, ab_dty
 class LoRALinearsFunction(torch.autograd.Function):
     """y_i = x W_i^T + b_i + s_i (x A_i^T) B_i^T for n projections sharing x (n = 1: one linear; n = 3: q/k/v).
 
-    apply(x, weights, biases, scales, A_0, B_0, A_1, B_1, ...): weights/biases/scales are tuples (frozen, not
-    differentiated); A_i = B_i = None for a projection without an adapter."""
+    apply(x, weights, biases, scales, need_output, A_0, B_0, A_1, B_1, ...): weights/biases/scales are tuples
+    (frozen, not differentiated); A_i = B_i = None for a projection without an adapter. need_output=False
+    (checkpoint recomputation, as in LoRAMLPFunction): only the graph is wanted, the base GEMMs are skipped and
+    the outputs are uninitialised; the (tokens x r) products x A^T that the backward needs are still computed."""
 
     @staticmethod
-    def forward(ctx, x, weights, biases, scales, *ab):
+    def forward(ctx, x, weights, biases, scales, need_output, *ab):
         ctx.set_materialize_grads(False)  # an unused output (e.g. no loss through v) sends None: skip it
         x2 = x.reshape(-1, x.shape[-1])
         ctx.ab_dtypes = [None if t is None else t.dtype for t in ab]
         ab = _compute_dtype(ab, x2.dtype)
         outs, xas = [], []
         for i, (w, b, s) in enumerate(zip(weights, biases, scales)):
-            y, xa = _forward_one(x2, w, b, ab[2 * i], ab[2 * i + 1], s)
-            outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            if need_output:
+                y, xa = _forward_one(x2, w, b, ab[2 * i], ab[2 * i + 1], s)
+                outs.append(y.view(*x.shape[:-1], y.shape[-1]))
+            else:
+                xa = None if ab[2 * i] is None else x2 @ ab[2 * i].t()
+                outs.append(x2.new_empty(1).expand(*x.shape[:-1], w.shape[0]))
             xas.append(xa)
         ctx.weights, ctx.scales, ctx.x_shape = weights, scales, x.shape
         ctx.save_for_backward(x2, *ab, *xas)
@@ -209,10 +215,10 @@ class LoRALinearsFunction(torch.autograd.Function):
         ab, xas = rest[:2 * n], rest[2 * n:]
         dys = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
         dx, grads = _backward_shared(x2, dys, ctx.weights, ab, xas, ctx.scales, ctx.needs_input_grad[0],
-                                     ctx.needs_input_grad[4:], ctx.ab_dtypes)
+                                     ctx.needs_input_grad[5:], ctx.ab_dtypes)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
-        return (dx, None, None, None, *grads)
+        return (dx, None, None, None, None, *grads)
 
 
 def _act_fwd(act, g, u, fold=None):
@@ -342,15 +348,17 @@ def _check(x, projections, widths=None):
             raise ValueError(f"A {tuple(A.shape)} and B {tuple(B.shape)} do not fit an input of width {width}")
 
 
-def lora_linears(x, projections, backend=None):
-    """Outputs of several projections of the same input; each projection is (weight, bias, A, B, scale)."""
+def lora_linears(x, projections, backend=None, need_output=True):
+    """Outputs of several projections of the same input; each projection is (weight, bias, A, B, scale).
+    need_output=False: only the autograd graph is wanted (see LoRALinearsFunction); a hint the "ref" path
+    ignores."""
     projections = [tuple(p) for p in projections]
     if pick_backend(backend, x) == "ref":
         return tuple(lora_linear_ref(x, *p) for p in projections)
     _check(x, projections)
     weights, biases, As, Bs, scales = zip(*projections)
     ab = [t for pair in zip(As, Bs) for t in pair]
-    return LoRALinearsFunction.apply(x, weights, biases, tuple(float(s) for s in scales), *ab)
+    return LoRALinearsFunction.apply(x, weights, biases, tuple(float(s) for s in scales), need_output, *ab)
 
 
 def lora_linear(x, weight, bias=None, A=None, B=None, scale=1.0, backend=None):
@@ -392,13 +400,14 @@ def _has_dropout(m):
     return getattr(m, "lora_A", None) is not None and m.dropout > 0 and m.training
 
 
-def linear(module, x):
-    """One projection module applied to x (the forward of engine.lora.LoRALinear)."""
+def linear(module, x, need_output=True):
+    """One projection module applied to x (the forward of engine.lora.LoRALinear); need_output=False: see
+    lora_linears (only the fused path uses the hint)."""
     if is_plain(module):
         return module(x)
     if _has_dropout(module):
         return _dropped(module, x)
-    return lora_linears(x, [spec(module)[:5]], _backend_of([module], x))[0]
+    return lora_linears(x, [spec(module)[:5]], _backend_of([module], x), need_output)[0]
 
 
 def qkv(attn, x):

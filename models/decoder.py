@@ -146,7 +146,9 @@ class Attention(nn.Module):
                            and cfg.layer_types[layer_idx] == "sliding_attention")
         self.rotary_dim = cfg.rotary_dim
 
-    def forward(self, x, rope, docs=None, cache=None, positions=None):
+    def forward(self, x, rope, docs=None, cache=None, positions=None, need_output=True):
+        """need_output=False: the output's value is not needed, only its graph (checkpoint recomputation with
+        the layer's mid residual saved): o_proj's GEMM is skipped."""
         B, T, _ = x.shape
         q, k, v = lora.qkv(self, x)
         q = q.view(B, T, self.heads, self.head_dim)
@@ -166,7 +168,7 @@ class Attention(nn.Module):
         else:
             k_all, v_all, k_pos = cache.store(self.layer_idx, k, v)
             o = cached_attention(q, k_all, v_all, positions, k_pos, self.scale, self.window, self.softcap)
-        return self.o_proj(o.reshape(B, T, self.heads * self.head_dim))
+        return lora.linear(self.o_proj, o.reshape(B, T, self.heads * self.head_dim), need_output)
 
 
 class MLP(nn.Module):
@@ -193,20 +195,48 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = _norm(cfg)
             self.post_feedforward_layernorm = _norm(cfg)
 
-    def forward(self, x, rope, docs=None, cache=None, positions=None, need_output=True):
-        """The layer's output x'. need_output=False (checkpoint recomputation, engine/offload.py) returns the
-        branches whose sum x' is instead, and the MLP branch is rebuilt as a graph without its value (its
-        down_proj GEMM skipped, see kernels/lora.py): the backward of a sum hands x's gradient to each branch
-        unchanged, so nothing needs the sum. With sandwich norms the MLP output feeds a norm, whose backward
-        needs its value: one branch, computed in full."""
+    def forward(self, x, rope, docs=None, cache=None, positions=None, keep_mid=False):
+        """The layer's output x'; keep_mid=True: (x', h) with h the residual stream between attention and MLP
+        (checkpointing may save it, see recompute)."""
         a = self.self_attn(self.input_layernorm(x), rope, docs, cache, positions)
         if self.sandwich:
-            n, x = self.pre_feedforward_layernorm.residual(self.post_attention_layernorm(a), x)
-            x = x + self.post_feedforward_layernorm(self.mlp(n))
-            return x if need_output else (x,)
-        n, x = self.post_attention_layernorm.residual(a, x)
-        m = self.mlp(n, need_output)
-        return x + m if need_output else (x, m)
+            n, h = self.pre_feedforward_layernorm.residual(self.post_attention_layernorm(a), x)
+            y = h + self.post_feedforward_layernorm(self.mlp(n))
+        else:
+            n, h = self.post_attention_layernorm.residual(a, x)
+            y = h + self.mlp(n)
+        return (y, h) if keep_mid else y
+
+    def recompute(self, x, rope, docs=None, h=None):
+        """Checkpoint recomputation (engine/offload.py): the branches whose sum is x', as an autograd graph whose
+        values are not all computed, since only the vjp is wanted and the vjp of a sum hands x's gradient to
+        every branch unchanged. The MLP branch skips down_proj's GEMM (its value is never read); given the saved
+        mid residual h, the attention branch skips o_proj's GEMM too, and h carries the gradient of x + a
+        (KnownSum) without being recomputed. With sandwich norms the MLP output feeds a norm, whose backward needs
+        its value: one branch, the full layer."""
+        if self.sandwich:
+            return (self(x, rope, docs),)
+        if h is None:
+            a = self.self_attn(self.input_layernorm(x), rope, docs)
+            n, h = self.post_attention_layernorm.residual(a, x)
+        else:
+            a = self.self_attn(self.input_layernorm(x), rope, docs, need_output=False)
+            h = KnownSum.apply(x, a, h)
+            n = self.post_attention_layernorm(h)
+        return h, self.mlp(n, need_output=False)
+
+
+class KnownSum(torch.autograd.Function):
+    """apply(x, a, total) = total, with the gradient of x + a: the sum's value is known (saved), its inputs'
+    values need not be (a may be uninitialised: see DecoderLayer.recompute)."""
+
+    @staticmethod
+    def forward(ctx, x, a, total):
+        return total.view_as(total)
+
+    @staticmethod
+    def backward(ctx, d):
+        return d, d, None
 
 
 class Model(nn.Module):
