@@ -46,13 +46,23 @@ TILE_ELEMENTS = 4096
 # so 2 programs x 16 warps per SM) and a software-pipelined row loop (tl.range num_stages): the x / dy / rstd
 # tiles of the next STAGES-1 steps are copied into shared memory asynchronously, 3 x 16 KiB per program with 4
 # stages (48 KiB of shared memory per program, 72 KiB with the residual's dh), ~96 KiB in flight per SM.
+# The same ptxas gives 64 registers for every tile of 8 elements per thread from 1024 to 8192 elements (1024:
+# 4 warps; 2048: 8 warps; 8192 needs 32 warps for it, so at the 16-warp cap it takes 126 and one program per SM).
 # NOT YET MEASURED on a GPU (chosen from the register / shared-memory counts above):
 #   python -m hare.tools.bench_kernels --sweep --only rms_norm
-# times rows per step 1/2, 8/16 warps, 1-4 stages, 1-4 programs per SM at 8192 and 16384 tokens and prints the
-# best; copy its numbers here.
+# times rows per step 1/2, 8/16 warps, 1-4 stages, 1/2/4 programs per SM at 8192 and 16384 tokens (plain and
+# residual) and prints the best; copy its numbers here.
 BWD_DW_ELEMENTS_PER_THREAD = 8
+# Rows per loop step: one unless a row is shorter than this (q/k norms over head_dim 128: 8 rows per step), the
+# smallest tile that gives 4 warps 8 elements each.
+BWD_DW_MIN_TILE = 1024
 BWD_DW_STAGES = 4
-BWD_PROGRAMS_PER_SM = 2
+# Shared memory for one program's pipeline buffers ((STAGES - 1) x tile x (x + dy (+ dh)) bytes): stages are cut
+# to fit, so two programs still share an SM's 228 KiB (sm_90) and rows up to 64K elements compile (1 stage).
+BWD_DW_SMEM = 100 * 1024
+# Programs per SM = BWD_DW_ELEMENTS_PER_SM / tile elements (at least 1): the register file holds two 4096-element
+# programs at 64 registers, i.e. 2 per SM at hidden 4096, 4 at 2048, 1 at 8192.
+BWD_DW_ELEMENTS_PER_SM = 8192
 # On the interpreter any count is correct; a few programs with uneven row counts exercise the two-stage sum.
 BWD_PROGRAMS_CPU = 4
 # Stage 2 (sum of the (P, N) partial rows): a program owns 32 columns (128 bytes of fp32 per partial row, one
@@ -250,11 +260,41 @@ def rms_norm_fwd(x, weight, eps, offset, casting, residual=None, tile=None, num_
     return y, h, rstd
 
 
+def _bwd_config(x, dy, dh, compute_dw, rows, num_warps, stages, programs):
+    """(BLOCK_M, BLOCK_N, num_warps, stages, programs) of the backward; arguments not None override the defaults
+    (tools/bench_kernels.py --sweep). Programs may exceed the row tiles: the launcher clamps them."""
+    for name, v in (("rows", rows), ("num_warps", num_warps), ("stages", stages), ("programs", programs)):
+        if v is not None and v < 1:
+            raise ValueError(f"rms_norm_bwd: {name}={v} must be >= 1")
+    if rows is not None and rows & (rows - 1):
+        raise ValueError(f"rms_norm_bwd: rows={rows} must be a power of two (a tile dimension)")
+    n = x.shape[-1]
+    block_m, block_n, warps = _config(n)
+    m = x.numel() // n if n else 0
+    if not compute_dw:
+        # no reduction: by default one tile per program and as many programs as tiles, no pipelining (the
+        # forward's tile and warps: 96-99% of the copy, see the constants)
+        block_m = rows or block_m
+        return block_m, block_n, num_warps or warps, stages or 1, programs or triton.cdiv(m, block_m)
+    block_m = rows or max(1, BWD_DW_MIN_TILE // block_n)
+    tile = block_m * block_n
+    warps = num_warps or min(16, max(4, tile // BWD_DW_ELEMENTS_PER_THREAD // 32))
+    if stages is None:
+        per_stage = tile * (x.element_size() + dy.element_size() + (dh.element_size() if dh is not None else 0))
+        stages = max(1, min(BWD_DW_STAGES, 1 + BWD_DW_SMEM // per_stage))
+    if programs is None:
+        programs = ((torch.cuda.get_device_properties(x.device).multi_processor_count
+                     * max(1, BWD_DW_ELEMENTS_PER_SM // tile)) if x.is_cuda else BWD_PROGRAMS_CPU)
+    return block_m, block_n, warps, stages, programs
+
+
 def rms_norm_bwd(dy, dh, x, weight, rstd, offset, casting, compute_dw, rows=None, num_warps=None, stages=None,
                  programs=None):
     """dy: gradient of y; dh: gradient of h (residual variant) or None; x: the normalized input (h).
     Returns (dx, dw or None). The keyword arguments override the tuning constants (tools/bench_kernels.py
     --sweep): rows per loop step (BLOCK_M), warps, software-pipeline stages, and the number of programs."""
+    block_m, block_n, warps, stages, programs = _bwd_config(x, dy, dh, compute_dw, rows, num_warps, stages,
+                                                            programs)
     n = x.shape[-1]
     x2 = _rows(x, n)
     dy2 = _rows(dy, n)
@@ -264,27 +304,7 @@ def rms_norm_bwd(dy, dh, x, weight, rstd, offset, casting, compute_dw, rows=None
     dx2 = dx.view(-1, n)
     if m == 0:
         return dx, (torch.zeros_like(weight) if compute_dw else None)
-    for name, v in (("rows", rows), ("stages", stages), ("programs", programs)):
-        if v is not None and v < 1:
-            raise ValueError(f"rms_norm_bwd: {name}={v} must be >= 1")
-    if rows is not None and rows & (rows - 1):
-        raise ValueError(f"rms_norm_bwd: rows={rows} must be a power of two (a tile dimension)")
-    block_m, block_n, warps = _config(n)
-    block_m = rows or block_m
-    tiles = triton.cdiv(m, block_m)
-    if compute_dw:
-        # BWD_DW_ELEMENTS_PER_THREAD of the tile per thread, between 4 and 16 warps (see the constants)
-        warps = num_warps or min(16, max(4, block_m * block_n // BWD_DW_ELEMENTS_PER_THREAD))
-        stages = stages or BWD_DW_STAGES
-        if programs is None:
-            programs = (torch.cuda.get_device_properties(x.device).multi_processor_count * BWD_PROGRAMS_PER_SM
-                        if x.is_cuda else BWD_PROGRAMS_CPU)
-    else:
-        # no reduction: by default one tile per program and as many programs as tiles, no pipelining
-        warps = num_warps or warps
-        stages = stages or 1
-        programs = programs or tiles
-    grid = min(programs, tiles)
+    grid = min(programs, triton.cdiv(m, block_m))
     dw_part = torch.empty((grid, n) if compute_dw else (1,), dtype=torch.float32, device=x.device)
     interpret = interpreting(x)
     _rms_norm_bwd_kernel[(grid,)](

@@ -3,7 +3,7 @@ the tolerance derived from the ref run in the kernel's own dtype (tests/toleranc
 import pytest
 import torch
 
-from hare.kernels.rms_norm import (RMSNormFunction, rms_norm, rms_norm_bwd, rms_norm_fwd, rms_norm_ref,
+from hare.kernels.rms_norm import (DW_SUM_ROWS, RMSNormFunction, rms_norm, rms_norm_bwd, rms_norm_fwd, rms_norm_ref,
                                    rms_norm_residual, rms_norm_residual_ref)
 from tests.tolerance import assert_close_to_ref
 
@@ -168,8 +168,8 @@ BWD_CONFIGS = {
     "rows4_tail": ((7, 123), dict(rows=4, programs=2, stages=3, num_warps=4)),
     # a single row, more programs asked than tiles
     "single_row": ((1, 123), dict(rows=1, programs=4, stages=4)),
-    # many programs with one row each: 150 partial rows, more than one stage-2 chunk (DW_SUM_ROWS = 128)
-    "many_programs": ((150, 40), dict(rows=1, programs=200, stages=2)),
+    # many programs with one row each: 130 partial rows, more than one stage-2 chunk of DW_SUM_ROWS
+    "many_programs": ((130, 40), dict(rows=1, programs=200, stages=2)),
     # rows longer than a stage-2 column block (32) and not a multiple of it, one program for all rows
     "one_program": ((9, 77), dict(rows=2, programs=1, stages=3)),
 }
@@ -209,6 +209,8 @@ def _bwd_case(shape, dtype, cfg, residual, casting, offset, compute_dw=True, see
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_rms_norm_bwd_launch_configs(case, dtype):
     shape, cfg = BWD_CONFIGS[case]
+    if case == "many_programs":  # keeps covering a second stage-2 chunk if the constant changes
+        assert shape[0] > DW_SUM_ROWS
     _bwd_case(shape, dtype, cfg, residual=False, casting="llama", offset=0.0)
 
 
