@@ -3,6 +3,7 @@ checkpointing, with and without offloading the checkpointed layer inputs to pinn
 
     python -m hare.tools.bench_offload                      # default sweep of sequence lengths
     python -m hare.tools.bench_offload --seq 65536 131072   # chosen lengths
+    python -m hare.tools.bench_offload --memory-gib 24 --seq 32768 49152 65536   # a capped GPU: cheap lengths
 
 Random weights (the shapes are what matters): NF4 projections (quant/linear.py Linear4bit) made layer by layer on
 the GPU, bf16 embeddings and head, LoRA r=16 on all seven projections. One training step (forward, backward,
@@ -68,7 +69,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, nargs="*", default=[32768, 65536, 98304, 131072, 163840, 196608])
     p.add_argument("--layers", type=int, default=None, help="fewer layers for a quick check")
+    p.add_argument("--memory-gib", type=float, default=None,
+                   help="cap this process's GPU memory (torch's per-process fraction): finds the lengths where each "
+                        "mode runs out at short, cheap sequences instead of at the whole GPU's")
     args = p.parse_args(argv)
+    if args.memory_gib:
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.memory_gib * 2**30 / total))
+        print(f"memory capped at {args.memory_gib} GiB of {total / 2**30:.0f}")
     model = build(args.layers)
     opt = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-4, fused=True)
     print(f"weights: {torch.cuda.memory_allocated() / 2**30:.1f} GiB allocated")
