@@ -38,7 +38,7 @@ def test_fused_mlp_bf16_on_gpu(act):
         if dtype == torch.float64:
             for p in leaves:
                 p[2], p[3] = (t.detach().double().requires_grad_() for t in p[2:4])
-        xs = x.to(dtype).requires_grad_()
+        xs = x.detach().to(dtype).clone().requires_grad_()  # a leaf in every run (x itself is fp64)
         y = K.lora_mlp(xs, *leaves, act=act, backend=backend)
         y.backward(dy.to(dtype))
         runs.append([y, xs.grad] + [t.grad for p in leaves for t in p[2:4]])
