@@ -6,34 +6,62 @@ and re-reads a 16-bit copy (4 + 16 + 16 bits moved per weight); this kernel read
 
 Math: y_n = sum_k x_k * W_nk with W_nk = dtype(fp32(quant_map[index_nk] * absmax_block(n,k))) -- exactly the
 weight `NF4Weight.dequantize(x.dtype)` returns -- and the products summed in fp32, then rounded to x.dtype.
-So the kernel is the 16-bit model's matmul up to the order of the fp32 sum.
+So the kernel is the 16-bit model's matmul up to the order of the fp32 sum (and, with fp_fusion, each product
+added to the sum with one rounding (fma) instead of two; the absmax decoding stays unfused: dequant.py).
 
 Layout. W (N, K) is stored flat: element (n, k) is number n*K + k, its byte is that // 2 (high nibble when
 even) and its absmax block that // blocksize. When K is a multiple of the blocksize (every real model), a row
-is a run of K/8 little-endian 32-bit words and K/blocksize whole blocks; a program reads (BLOCK_N, BLOCK_W)
-tiles of words, decodes each into its 8 elements in order (the dequant kernel's nf4_words) and multiplies a
-(BLOCK_N, BLOCK_W, 8) tile by the matching (BLOCK_W, 8) slice of x (ALIGNED). Otherwise (odd test shapes) the
-kernel indexes element by element (gathers; correct for any K).
-Measured on an H200 (14336 x 4096, bf16 x): 44 us with word tiles, 62 us with byte tiles whose absmax and x
-were reshaped/split to match (layout shuffles through shared memory), 98 us for dequantize + matmul.
+is K/blocksize whole blocks of blocksize/8 little-endian 32-bit words. A program takes BLOCK_N rows; per loop
+step it reads BLOCK_K words of each row as a 2-D tile of R = BLOCK_N * BLOCK_K/(blocksize/8) row-blocks by
+blocksize/8 words, the dequant kernel's tile: one absmax per tile row (not per word: 8x fewer absmax loads),
+decoded by the same nf4_tile, times the matching slices of x (ALIGNED). Otherwise (odd test shapes) the kernel
+indexes element by element (gathers; correct for any K).
+Split-K (ALIGNED only): with split_k > 1 the K range of a row is cut into split_k chunks handled by separate
+programs, each writing an fp32 partial sum; a second small kernel adds the partials in a fixed order (so the
+result is deterministic, unlike fp32 atomics) and rounds to x.dtype. It lets a 1024-row projection fill an H200's
+132 SMs without giving each program a single row.
+Measured on an H200 (14336 x 4096, bf16 x), previous version (3-D word tiles, absmax per word): 44 us with word
+tiles, 62 us with byte tiles, 98 us for dequantize + matmul; 1024 x 4096: 10.6 us vs 14.8 us.
+Static cost per weight, from the sm_90a SASS of the loop (compiled offline): 16.4 instructions for that version,
+14.3 with one absmax per block (this tile), 13.9 with lut="gather", 12.9 adding fp_fusion. tools/sweep_nf4.py
+times them; GEMV_CONFIGS holds the choice per shape.
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ..kernels._dispatch import interpreting, pick_backend
 from ..kernels._triton import cast
-from .dequant import absmax_buffers, load_absmax, nf4_words, packed_words
+from .dequant import absmax_buffers, load_absmax, nf4_tile, packed_words
 
-# Rows per program and words (8 weights each) of a row per loop step on the ALIGNED path, measured on an H200
-# (.bench sweep, bf16 x): 2 x 256 with 4 warps gives 10.6 us at 1024 x 4096 and 45 us at 14336 x 4096 (best
-# seen: 10.0 and 44.1). Few rows per program matter for small N: 8 rows leave 1024-row k/v projections with
-# 128 programs for 132 SMs (30 us).
-BLOCK_N = 2
-BLOCK_W = 256
-NUM_WARPS = 4
+
+class GemvConfig(NamedTuple):
+    block_n: int  # rows per program (a power of 2)
+    block_k: int  # words (8 weights) of a row per loop step (a power of 2; raised to one absmax block)
+    num_warps: int
+    split_k: int = 1  # programs along K per row range; > 1: fp32 partial sums + a deterministic second kernel
+    lut: str = "load"  # "load": quant_map[code] from global memory; "gather": a register table (dequant.py)
+    num_stages: int = 1  # software pipelining of the K loop
+    fp_fusion: bool = False  # x * w + acc as one fma (the launch's enable_fp_fusion)
+
+
+# Configs by shape: the first row with N <= max_n and K <= max_k applies (None: no bound). Best guesses until
+# tools/sweep_nf4.py has run on an H200 -- it prints the rows to paste here. Evidence so far: for the previous
+# kernel 2 rows x 256 words, 4 warps was best at both 1024 x 4096 (10.6 us) and 14336 x 4096 (45 us), and few rows
+# per program mattered for small N (8 rows left the 1024-row k/v projections 128 programs for 132 SMs: 30 us).
+# Small N guess: one row per program and 8 warps reading the whole 4096-long row in one step (16 weights per
+# thread, 48 registers: 5 programs per SM), so each of the 1024 programs of a k/v projection makes a single round
+# trip to memory, in ~1.6 waves, with no second kernel (split-K's sum costs a launch).
+GEMV_CONFIGS = (
+    (2048, None, GemvConfig(block_n=1, block_k=512, num_warps=8, lut="gather", fp_fusion=True)),
+    (None, None, GemvConfig(block_n=2, block_k=256, num_warps=4, lut="gather", fp_fusion=True)),
+)
 # General path (K not a multiple of the blocksize): elements per row per step.
 BLOCK_K_GENERAL = 128
+# Rows per program of the split-K sum.
+SUM_BLOCK = 256
 
 
 @triton.jit
@@ -43,48 +71,80 @@ def _gemv_nf4_kernel(
     words_ptr,  # int32 view of the same bytes (ALIGNED path)
     absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr,  # absmax (codes or fp32) and its nested statistics
     qmap_ptr,  # fp32 (16,): NF4 values
-    y_ptr,  # (N,) output in x's dtype
+    out_ptr,  # (split, N): y in x's dtype when not split, else fp32 partial sums, one row per K chunk
     N, K,  # W is (N, K)
     KW,  # K // 8: words per row (ALIGNED)
+    chunk,  # words of a row per program along K, a multiple of BLOCK_K (ALIGNED)
     BS: tl.constexpr,  # blocksize: weights per absmax
     NESTED: tl.constexpr, NESTED_BS: tl.constexpr,  # double quantization, absmax values per nested block
     ALIGNED: tl.constexpr,  # K % blocksize == 0: rows are whole words and whole blocks
     BLOCK_N: tl.constexpr,  # rows per program
-    BLOCK_K: tl.constexpr,  # ALIGNED: words of a row per step; else elements per step
+    BLOCK_K: tl.constexpr,  # ALIGNED: words of a row per step (a multiple of BS // 8); else elements per step
+    LUT_GATHER: tl.constexpr,  # GemvConfig.lut == "gather"
+    NUM_STAGES: tl.constexpr,  # software pipelining of the K loop
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (kernels/_triton.py)
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    rows = rows.to(tl.int64)
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    out_ptr += tl.program_id(1) * N  # this K chunk's row of partial sums (row 0 = y when not split)
     if ALIGNED:
-        for w0 in range(0, KW, BLOCK_K):
-            cols = w0 + tl.arange(0, BLOCK_K)  # word columns of the row
-            col_ok = cols < KW
-            mask = row_ok[:, None] & col_ok[None, :]
-            word = rows[:, None] * KW + cols[None, :]  # (BLOCK_N, BLOCK_K) flat word ids
-            w = tl.load(words_ptr + word, mask=mask, other=0)
-            a = load_absmax(absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr, word // (BS // 8), mask, NESTED,
-                            NESTED_BS)
-            v = nf4_words(w, qmap_ptr) * a[:, :, None]  # (BLOCK_N, BLOCK_K, 8)
+        WB: tl.constexpr = BS // 8  # words per absmax block
+        NB: tl.constexpr = BLOCK_K // WB  # blocks of a row per step
+        R: tl.constexpr = BLOCK_N * NB  # tile rows: (row, block) pairs
+        r = tl.arange(0, R)
+        rows = tl.program_id(0) * BLOCK_N + r // NB  # (R,) weight row of each tile row
+        row_ok = rows < N
+        rows = rows.to(tl.int64)
+        k_lo = tl.program_id(1) * chunk
+        k_hi = tl.minimum(k_lo + chunk, KW)
+        table = tl.load(qmap_ptr + tl.arange(0, 16))  # read only by the gather variant
+        acc = tl.zeros((R, 8 * WB), dtype=tl.float32)
+        for w0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
+            bcol = w0 // WB + r % NB  # (R,) block column within the row
+            ok = row_ok & (bcol < KW // WB)  # chunks are whole steps: only a row's end cuts a step short
+            blk = rows * (KW // WB) + bcol  # flat block id
+            a = load_absmax(absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr, blk, ok, NESTED, NESTED_BS,
+                            INTERPRET)
+            word = blk[:, None] * WB + tl.arange(0, WB)[None, :]  # (R, WB)
+            w = tl.load(words_ptr + word, mask=ok[:, None], other=0)
             # the 16-bit weight, as dequantize(x.dtype) returns it
-            v = cast(v, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
-            xk = cols[:, None] * 8 + tl.arange(0, 8)[None, :]  # (BLOCK_K, 8): x of those words' elements
-            xs = tl.load(x_ptr + xk, mask=col_ok[:, None], other=0.0).to(tl.float32)
-            acc += tl.sum(v * xs[None, :, :], axis=2)
+            v = cast(nf4_tile(w, a, qmap_ptr, table, LUT_GATHER), x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
+            xk = bcol[:, None] * (8 * WB) + tl.arange(0, 8 * WB)[None, :]  # (R, blocksize): x of those weights
+            xs = tl.load(x_ptr + xk, mask=ok[:, None], other=0.0).to(tl.float32)
+            acc += v * xs
+        y = tl.sum(tl.reshape(tl.sum(acc, axis=1), (BLOCK_N, NB)), axis=1)
+        rows_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     else:
+        rows_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows_out < N
+        rows = rows_out.to(tl.int64)
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             mask = row_ok[:, None] & (ks < K)[None, :]
             flat = rows[:, None] * K + ks[None, :]
             q = tl.load(packed_ptr + flat // 2, mask=mask, other=0)
             idx = (q >> (4 - 4 * (flat % 2)).to(tl.uint8)) & 15
-            a = load_absmax(absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr, flat // BS, mask, NESTED, NESTED_BS)
+            a = load_absmax(absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr, flat // BS, mask, NESTED, NESTED_BS,
+                            INTERPRET)
             v = tl.load(qmap_ptr + idx.to(tl.int32)) * a
             v = cast(v, x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
             acc += v * tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)[None, :]
-    y = tl.sum(acc, axis=1)
-    tl.store(y_ptr + rows, cast(y, y_ptr.dtype.element_ty, INTERPRET), mask=row_ok)
+        y = tl.sum(acc, axis=1)
+    tl.store(out_ptr + rows_out, cast(y, out_ptr.dtype.element_ty, INTERPRET), mask=rows_out < N)
+
+
+@triton.jit
+def _sum_splits_kernel(
+    part_ptr,  # fp32 (SPLIT, N): partial sums of each K chunk
+    y_ptr,  # (N,) output in x's dtype
+    N, SPLIT,
+    BLOCK: tl.constexpr,
+    INTERPRET: tl.constexpr,
+):
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(0, SPLIT):  # a fixed order: the same bits on every run
+        acc += tl.load(part_ptr + s * N + n, mask=n < N, other=0.0)
+    tl.store(y_ptr + n, cast(acc, y_ptr.dtype.element_ty, INTERPRET), mask=n < N)
 
 
 def _check(x, w):
@@ -98,6 +158,27 @@ def _check(x, w):
         raise ValueError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device != w.device:
         raise ValueError(f"x is on {x.device}, the weight on {w.device}")
+
+
+def _check_config(config):
+    if not isinstance(config, GemvConfig):
+        raise ValueError(f"config must be a GemvConfig, got {type(config).__name__}")
+    for name in ("block_n", "block_k"):
+        v = getattr(config, name)
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"config.{name} must be a power of 2, got {v}")
+    if config.lut not in ("load", "gather"):
+        raise ValueError(f"config.lut must be 'load' or 'gather', got {config.lut!r}")
+    if config.split_k < 1 or config.num_stages < 1:
+        raise ValueError(f"config.split_k and config.num_stages must be >= 1, got {config}")
+
+
+def gemv_config(n, k) -> GemvConfig:
+    """The launch config for an (n, k) weight: the first GEMV_CONFIGS row that bounds both."""
+    for max_n, max_k, config in GEMV_CONFIGS:
+        if (max_n is None or n <= max_n) and (max_k is None or k <= max_k):
+            return config
+    raise ValueError(f"no GEMV_CONFIGS row for shape ({n}, {k}); the last row must bound nothing")
 
 
 def gemv_nf4_ref(x, w, weight_dtype=None):
@@ -116,19 +197,35 @@ def gemv_nf4(x, w, backend=None):
     if pick_backend(backend, x) == "ref":
         return gemv_nf4_ref(x, w)
     y = torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
-    launch_gemv(x.contiguous(), w, y, BLOCK_N, BLOCK_W, NUM_WARPS)
+    launch_gemv(x.contiguous(), w, y, gemv_config(*w.shape))
     return y
 
 
-def launch_gemv(x, w, y, block_n, block_w, num_warps):
-    """Runs the kernel into `y` with an explicit tile (tools/bench_nf4.py sweeps). block_w: words (8 weights)
-    of a row per step on the aligned path."""
+def launch_gemv(x, w, y, config):
+    """Runs the kernel(s) into `y` with an explicit GemvConfig (tools/sweep_nf4.py sweeps them; the tests run
+    every path). block_k: words (8 weights) of a row per step on the aligned path, at least one absmax block;
+    split_k applies to the aligned path only (the general one is for odd test shapes)."""
+    _check_config(config)
     n, k = w.shape
     aligned = k % w.blocksize == 0
     words = packed_words(w.packed) if aligned else w.packed  # rows of whole words: a view (aligned storage)
-    _gemv_nf4_kernel[(triton.cdiv(n, block_n),)](
-        x, w.packed, words, *absmax_buffers(w), w.quant_map, y, n, k, k // 8,
+    kw = k // 8
+    if aligned:
+        block_k = max(config.block_k, w.blocksize // 8)  # whole absmax blocks per step
+        steps = triton.cdiv(kw, block_k)
+        chunk = triton.cdiv(steps, min(config.split_k, steps)) * block_k  # words per K chunk, whole steps
+        split = triton.cdiv(kw, chunk)  # chunks that hold words (rounding up the chunk can leave fewer)
+    else:
+        block_k, chunk, split = BLOCK_K_GENERAL, 0, 1
+    out = y if split == 1 else torch.empty((split, n), dtype=torch.float32, device=y.device)
+    interpret = interpreting(x)
+    _gemv_nf4_kernel[(triton.cdiv(n, config.block_n), split)](
+        x, w.packed, words, *absmax_buffers(w), w.quant_map, out, n, k, kw, chunk,
         BS=w.blocksize, NESTED=w.double_quant, NESTED_BS=w.nested_blocksize, ALIGNED=aligned,
-        BLOCK_N=block_n, BLOCK_K=block_w if aligned else BLOCK_K_GENERAL,
-        INTERPRET=interpreting(x), num_warps=num_warps, enable_fp_fusion=False,
+        BLOCK_N=config.block_n, BLOCK_K=block_k, LUT_GATHER=config.lut == "gather",
+        NUM_STAGES=config.num_stages, INTERPRET=interpret, num_warps=config.num_warps,
+        enable_fp_fusion=config.fp_fusion,
     )
+    if split > 1:
+        _sum_splits_kernel[(triton.cdiv(n, SUM_BLOCK),)](out, y, n, split, BLOCK=SUM_BLOCK, INTERPRET=interpret,
+                                                         num_warps=4)

@@ -1,6 +1,6 @@
 """GPU benchmark of the NF4 kernels (issue 4). CUDA only.
 
-    python -m hare.tools.bench_nf4 --out bench_nf4.json [--sweep]
+    python -m hare.tools.bench_nf4 --out bench_nf4.json
 
 1. Ceiling: device-to-device copy bandwidth (bytes read + written), measured in the same run.
 2. Dequantization at 4096 x 14336 and 14336 x 4096 (bf16 out): GB/s counting the bytes the kernel must move
@@ -12,8 +12,9 @@
 Before timing, each kernel is checked against its reference on the same inputs (dequant: bit for bit, also
 against bitsandbytes; GEMV: relative error vs fp64), and hare's quantization against bitsandbytes' CUDA bytes.
 Times: triton.testing.do_bench medians (it clears the L2 cache between runs, so the weight comes from HBM as it
-does in a real decode step). --sweep also times the launch configurations named in quant/dequant.py and
-quant/gemv.py. Writes --out (JSON) and the markdown table next to it (.md); prints the table last.
+does in a real decode step). The kernels run with the library's configs (quant/dequant.py DEQUANT_CONFIG,
+quant/gemv.py GEMV_CONFIGS); tools/sweep_nf4.py times the alternatives. Writes --out (JSON) and the markdown
+table next to it (.md); prints the table last.
 """
 import argparse
 import json
@@ -76,7 +77,7 @@ def check_quantization(F, rows):
                  "hare": int(quantize_nf4(z).packed[0])})
 
 
-def bench_dequant(F, ceiling, sweep):
+def bench_dequant(F, ceiling):
     from hare.quant import NF4Weight, dequantize_nf4_ref, quantize_nf4
     from hare.quant import dequant as dq
     results = []
@@ -85,20 +86,14 @@ def bench_dequant(F, ceiling, sweep):
         q4 = quantize_nf4(w)
         out = torch.empty(shape, dtype=torch.bfloat16, device="cuda")
         moved = q4.nbytes() + out.numel() * out.element_size()
-        configs = [(dq.ELEMENTS_PER_PROGRAM, dq.NUM_WARPS)]
-        if sweep:
-            configs += [(e, nw) for e in (2048, 4096, 8192, 16384) for nw in (2, 4, 8)
-                        if (e, nw) != configs[0]]
         ref = dequantize_nf4_ref(q4, torch.bfloat16)
-        for e, nw in configs:
-            out.fill_(float("nan"))
-            dq.launch_dequant(q4, out, e, nw)
-            exact = torch.equal(out.view(torch.int16), ref.view(torch.int16))
-            t = _bench(lambda: dq.launch_dequant(q4, out, e, nw))
-            row = {"op": "dequant", "shape": list(shape), "elements_per_program": e, "num_warps": nw,
-                   "default": (e, nw) == configs[0], "bit_exact_vs_ref": exact, "us": t * 1e6,
-                   "GBps": moved / t / 1e9, "of_copy": moved / t / 1e9 / ceiling}
-            results.append(row)
+        cfg = dq.DEQUANT_CONFIG
+        out.fill_(float("nan"))
+        dq.launch_dequant(q4, out, cfg)
+        exact = torch.equal(out.view(torch.int16), ref.view(torch.int16))
+        t = _bench(lambda: dq.launch_dequant(q4, out, cfg))
+        results.append({"op": "dequant", "shape": list(shape), "config": cfg._asdict(), "bit_exact_vs_ref": exact,
+                        "us": t * 1e6, "GBps": moved / t / 1e9, "of_copy": moved / t / 1e9 / ceiling})
         if F is not None:
             qb, st = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
             mine = NF4Weight.from_bnb({"weight": qb, **{"weight." + k: v for k, v in
@@ -112,15 +107,14 @@ def bench_dequant(F, ceiling, sweep):
     return results
 
 
-def bench_gemv(F, sweep):
-    from hare.quant import gemv_nf4_ref, quantize_nf4
+def bench_gemv(F):
+    from hare.quant import gemv_nf4, gemv_nf4_ref, quantize_nf4
     from hare.quant import gemv as gv
     results = []
     for name, (n, k) in LLAMA_8B.items():
         w = _weight((n, k), 1)
         q4 = quantize_nf4(w)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
-        y = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
         truth = gemv_nf4_ref(x.double(), q4, weight_dtype=torch.bfloat16)
 
         def unfused():
@@ -128,19 +122,12 @@ def bench_gemv(F, sweep):
 
         t_unfused = _bench(unfused)
         unfused_err = ((unfused().double() - truth).norm() / truth.norm()).item()
-        configs = [(gv.BLOCK_N, gv.BLOCK_W, gv.NUM_WARPS)]
-        if sweep:
-            configs += [(bn, bw, nw) for bn in (2, 4, 8, 16) for bw in (64, 128, 256) for nw in (2, 4)
-                        if (bn, bw, nw) != configs[0]]
-        for bn, bw, nw in configs:
-            y.fill_(float("nan"))
-            gv.launch_gemv(x, q4, y, bn, bw, nw)
-            err = ((y.double() - truth).norm() / truth.norm()).item()
-            t = _bench(lambda: gv.launch_gemv(x, q4, y, bn, bw, nw))
-            results.append({"op": "gemv", "layer": name, "shape": [n, k], "block_n": bn, "block_w": bw,
-                            "num_warps": nw, "default": (bn, bw, nw) == configs[0], "us": t * 1e6,
-                            "rel_err": err, "unfused_rel_err": unfused_err, "unfused_us": t_unfused * 1e6,
-                            "speedup": t_unfused / t, "weight_GBps": q4.nbytes() / t / 1e9})
+        y = gemv_nf4(x, q4)  # what decoding runs: the config of GEMV_CONFIGS for this shape
+        err = ((y.double() - truth).norm() / truth.norm()).item()
+        t = _bench(lambda: gemv_nf4(x, q4))
+        results.append({"op": "gemv", "layer": name, "shape": [n, k], "config": gv.gemv_config(n, k)._asdict(),
+                        "us": t * 1e6, "rel_err": err, "unfused_rel_err": unfused_err, "unfused_us": t_unfused * 1e6,
+                        "speedup": t_unfused / t, "weight_GBps": q4.nbytes() / t / 1e9})
         if F is not None:
             qb, st = F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
             import bitsandbytes
@@ -154,7 +141,7 @@ def markdown(report):
              f"bitsandbytes {report['bitsandbytes']}); copy ceiling {report['copy_GBps']:.0f} GB/s (read+written)",
              "", "| dequant (bf16 out) | hare us | hare GB/s | of copy | bnb us | bnb GB/s | hare vs bnb |",
              "|---|---|---|---|---|---|---|"]
-    deq = [r for r in report["results"] if r["op"] == "dequant" and r["default"]]
+    deq = [r for r in report["results"] if r["op"] == "dequant"]
     for r in deq:
         b = next((x for x in report["results"] if x["op"] == "dequant_bitsandbytes" and x["shape"] == r["shape"]),
                  None)
@@ -164,24 +151,12 @@ def markdown(report):
                      f"{(b['us'] / r['us']) if b else float('nan'):.2f}x |")
     lines += ["", "| batch-1 layer (N x K) | fused GEMV us | dequant+matmul us | speedup | weight GB/s | "
               "bnb GEMV us | rel err (fused / unfused) |", "|---|---|---|---|---|---|---|"]
-    for r in [r for r in report["results"] if r["op"] == "gemv" and r["default"]]:
+    for r in [r for r in report["results"] if r["op"] == "gemv"]:
         b = next((x for x in report["results"] if x["op"] == "gemv_bitsandbytes" and x["layer"] == r["layer"]),
                  None)
         lines.append(f"| {r['layer']} {r['shape'][0]} x {r['shape'][1]} | {r['us']:.1f} | {r['unfused_us']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['weight_GBps']:.0f} | {b['us'] if b else float('nan'):.1f} | "
                      f"{r['rel_err']:.1e} / {r['unfused_rel_err']:.1e} |")
-    if report.get("sweep"):
-        lines += ["", "Sweep (best per shape):"]
-        for shape in DEQUANT_SHAPES:
-            rs = [r for r in report["results"] if r["op"] == "dequant" and tuple(r["shape"]) == shape]
-            best = min(rs, key=lambda r: r["us"])
-            lines.append(f"- dequant {shape}: elements_per_program={best['elements_per_program']} "
-                         f"num_warps={best['num_warps']} {best['us']:.1f} us ({100 * best['of_copy']:.1f}% of copy)")
-        for name in LLAMA_8B:
-            rs = [r for r in report["results"] if r["op"] == "gemv" and r["layer"] == name]
-            best = min(rs, key=lambda r: r["us"])
-            lines.append(f"- gemv {name}: block_n={best['block_n']} block_w={best['block_w']} "
-                         f"num_warps={best['num_warps']} {best['us']:.1f} us")
     checks = report.get("checks", [])
     if checks:
         lines += ["", "Checks: " + "; ".join(json.dumps(c) for c in checks)]
@@ -191,18 +166,17 @@ def markdown(report):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="bench_nf4.json", help="JSON results; the markdown table goes to .md beside")
-    ap.add_argument("--sweep", action="store_true", help="also time the launch configurations around the defaults")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_nf4 needs a CUDA GPU")
     import triton
     F, bnb_version = _bnb()
     report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-              "bitsandbytes": bnb_version, "sweep": args.sweep, "checks": []}
+              "bitsandbytes": bnb_version, "checks": []}
     report["copy_GBps"] = copy_bandwidth()
     if F is not None:
         check_quantization(F, report["checks"])
-    report["results"] = bench_dequant(F, report["copy_GBps"], args.sweep) + bench_gemv(F, args.sweep)
+    report["results"] = bench_dequant(F, report["copy_GBps"]) + bench_gemv(F)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
     md = markdown(report)

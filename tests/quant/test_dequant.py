@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from hare.quant import NF4Weight, dequantize_nf4, dequantize_nf4_ref, nf4_map, quantize_nf4
+from hare.quant.dequant import DequantConfig, launch_dequant
 from tests.quant.bnb_oracle import DEVICE
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -39,6 +40,33 @@ def test_several_programs_and_nested_blocks():
     w = quantize_nf4(_weight((130, 300), seed=1))
     assert w.absmax.numel() > 2 * 256
     assert _bits_equal(dequantize_nf4(w, torch.bfloat16, backend="triton"), dequantize_nf4_ref(w, torch.bfloat16))
+
+
+# Every code path of the kernel, as tools/sweep_nf4.py launches them: table lookup by global load or tl.gather;
+# one tile per program or a persistent grid whose programs loop over several tiles (on the CPU sm_count is 1, so
+# programs_per_sm=3 makes 3 programs striding over the 11 tiles of 4 blocks of 64 below, the last one ragged);
+# pipelined loops; streaming hints.
+CONFIGS = [DequantConfig(256, 2, "load"), DequantConfig(256, 2, "gather"), DequantConfig(256, 4, "gather", 3, 1),
+           DequantConfig(128, 2, "gather", 3, 3, True), DequantConfig(512, 1, "load", 2, 2, True),
+           DequantConfig(16, 1, "gather")]  # 16 elements: less than a block, so one block per tile
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(map(str, c)))
+def test_every_config_bitwise(config, dtype):
+    w = quantize_nf4(_weight((37, 70), seed=2))  # 2590 values: 41 blocks, the last one partial
+    out = torch.full(w.shape, float("nan"), dtype=dtype, device=DEVICE)
+    launch_dequant(w, out, config)
+    assert _bits_equal(out, dequantize_nf4_ref(w, dtype))
+
+
+def test_config_preconditions():
+    w = quantize_nf4(_weight((4, 64)))
+    out = torch.empty(w.shape, device=DEVICE)
+    for bad, match in [(DequantConfig(96, 2), "power of 2"), (DequantConfig(4, 2, "select"), "lut"),
+                       (DequantConfig(4, 2, "load", -1), "programs_per_sm"), ((64, 2), "DequantConfig")]:
+        with pytest.raises(ValueError, match=match):
+            launch_dequant(w, out, bad)
 
 
 def test_rounding_of_bf16_is_to_nearest_even():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from hare.quant import gemv_nf4, gemv_nf4_ref, quantize_nf4
+from hare.quant.gemv import GEMV_CONFIGS, GemvConfig, gemv_config, launch_gemv
 from tests.quant.bnb_oracle import DEVICE
 from tests.tolerance import assert_close_to_ref
 
@@ -34,6 +35,45 @@ def test_gemv_matches_ref(shape, blocksize, double_quant, dtype):
     # once failed the default 4-ulp floor at K=4096 in fp32 (err 7 ulps). The floor follows the bound.
     ulps = max(4, math.ceil(math.log2(k)))
     assert_close_to_ref(y, gemv_nf4_ref(x.double(), w, weight_dtype=dtype), gemv_nf4_ref(x, w), "y", ulps=ulps)
+
+
+# Every code path, as tools/sweep_nf4.py launches them. Split-K: K = 320 is 40 words; 8-word steps in 3 chunks
+# of 2 steps = 16, 16 and 8 words; K = 1088 is 136 words: 16-word steps, split 4 -> chunks of 3 steps = 48, 48, 40
+# words (3 chunks: K is not a multiple of the split). N = 1 leaves most of a program's rows out of range;
+# block_k 8 words on blocksize 128 is raised to one block (16 words); K = 70 takes the general path, which
+# ignores split_k.
+SPLIT_CASES = [((1, 320), 64, GemvConfig(2, 8, 2, split_k=3)),
+               ((1, 320), 64, GemvConfig(1, 16, 1, split_k=8, lut="gather", fp_fusion=True)),
+               ((37, 1088), 64, GemvConfig(4, 16, 2, split_k=4, lut="gather", num_stages=2)),
+               ((37, 1088), 64, GemvConfig(16, 32, 4, split_k=2, fp_fusion=True)),
+               ((9, 256), 128, GemvConfig(4, 8, 2, split_k=2, lut="gather")),
+               ((5, 1088), 64, GemvConfig(2, 64, 4, lut="gather", num_stages=3, fp_fusion=True)),
+               ((13, 70), 64, GemvConfig(2, 8, 2, split_k=3, lut="gather", fp_fusion=True))]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape,blocksize,config", SPLIT_CASES, ids=str)
+def test_gemv_configs_match_ref(shape, blocksize, config, dtype):
+    gen = torch.Generator().manual_seed(1)
+    n, k = shape
+    w = quantize_nf4((torch.randn(shape, generator=gen) * 0.05).to(DEVICE), blocksize)
+    x = torch.randn(1, k, generator=gen).to(dtype).to(DEVICE)
+    y = torch.full((1, n), float("nan"), dtype=dtype, device=DEVICE)
+    launch_gemv(x, w, y, config)
+    ulps = max(4, math.ceil(math.log2(k)))
+    assert_close_to_ref(y, gemv_nf4_ref(x.double(), w, weight_dtype=dtype), gemv_nf4_ref(x, w), "y", ulps=ulps)
+
+
+def test_config_table_and_preconditions():
+    for _, _, config in GEMV_CONFIGS:  # a table edited after a sweep still holds valid configs
+        launch_gemv(torch.randn(1, 64, device=DEVICE), quantize_nf4(torch.randn(2, 64, device=DEVICE)),
+                    torch.empty(1, 2, device=DEVICE), config)
+    assert gemv_config(2 ** 20, 2 ** 20) == GEMV_CONFIGS[-1][2]  # the last row bounds nothing
+    w = quantize_nf4(torch.randn(2, 64, device=DEVICE))
+    for bad, match in [(GemvConfig(3, 8, 2), "power of 2"), (GemvConfig(2, 8, 2, lut="select"), "lut"),
+                       (GemvConfig(2, 8, 2, split_k=0), "split_k"), ((2, 8, 2), "GemvConfig")]:
+        with pytest.raises(ValueError, match=match):
+            launch_gemv(torch.randn(1, 64, device=DEVICE), w, torch.empty(1, 2, device=DEVICE), bad)
 
 
 def test_gemv_preconditions():
