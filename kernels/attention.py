@@ -21,16 +21,28 @@ Backward, with dO the gradient of O:
     dX_ij = P_ij (dP_ij - delta_i),  delta_i = sum_j P_ij dP_ij = dO_i . O_i      (softmax Jacobian)
     dS_ij = dX_ij * dx/ds                           s = q.k; dx/ds = scale, or scale * (1 - tanh^2) with softcap
     dQ_i  = sum_j dS_ij k_j,    dK_j = sum_i dS_ij q_i  (dK summed over the q heads of the group)
-  Three kernels, no atomics: delta (preprocess), dK/dV (one program per key block and kv head, looping over the
-  group's q heads and over query blocks), dQ (one program per query block and q head, looping over key blocks).
-  The dQ kernel recomputes q.k and dO.v (two extra matmuls) in exchange for no atomic adds and no fp32 dQ buffer.
+  By default two kernels, no atomics, bit-reproducible: dQ (one program per query block and q head, looping over
+  key blocks; it also computes delta from its O and dO tiles and stores it), then dK/dV (one program per key block
+  and kv head, looping over the group's q heads and over query blocks). The dQ kernel recomputes q.k and dO.v (two
+  extra matmuls, one extra exponential) in exchange for no atomic adds and no fp32 dQ buffer. The atomic-dQ variant
+  (KernelConfig.atomic_dq) instead adds each tile's scale * dS k to an fp32 dQ in the dK/dV kernel, after a delta
+  pass; the order of the adds, hence dQ's last bits, varies from run to run.
 
 Block skipping: a query block [m0, m1) needs only keys [lo, min(m1, T)) with lo = max(m0 - W + 1, first index of
   the earliest document among its queries); a key block [n0, n1) is needed only by queries [n0, hi) with
   hi = min(T, n1 - 1 + W, one past the last index of the latest document among its keys). Other tiles are never
-  loaded. Of the tiles in range, only those that straddle a causal, window or document edge build the mask.
+  loaded. Of the tiles in range, only those that straddle a causal, window or document edge build the mask:
+  without documents the edge tiles are known from the block's position, so the range splits into edge loops and
+  an interior loop that has no mask code at all (section "Tile loops"); with documents each tile is tested.
   Document bounds come from `attention_doc_tables` (a sort, so ids need not be contiguous runs).
+
+Launch variants (KernelConfig: block shape, warps, pipeline stages, the split, TMA loads, atomic dQ) are the same
+kernels with other constexprs; tools/sweep_attention.py times them on the H200 and `_config` holds the choice.
 """
+import contextvars
+import functools
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -105,9 +117,10 @@ def _mm(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _logits(s, scale_log2, cap_log2, inv_cap_scale, SOFTCAP: tl.constexpr):
-    """Base-2 logits from raw scores s = q.k: x * log2(e). Returns (x2, t) where t = tanh(.) for the softcap
-    derivative (t is s itself, unused, without softcap)."""
+def _logits(s, sc, SOFTCAP: tl.constexpr):
+    """Base-2 logits from raw scores s = q.k: x * log2(e). sc: (scale * log2(e), cap * log2(e), scale / cap).
+    Returns (x2, t) where t = tanh(.) for the softcap derivative (t is s itself, unused, without softcap)."""
+    scale_log2, cap_log2, inv_cap_scale = sc
     if SOFTCAP:
         t = _tanh(s * inv_cap_scale)
         return t * cap_log2, t
@@ -116,13 +129,14 @@ def _logits(s, scale_log2, cap_log2, inv_cap_scale, SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _visible(offs_m, offs_n, doc_q, doc_k, W, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
-    """(BM, BN) mask of the pairs (query i, key j) that attend: causal, window, same document."""
-    ok = offs_n[None, :] <= offs_m[:, None]
+def _visible(q_pos, k_pos, doc_q, doc_k, W, HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr):
+    """Mask of the pairs (query i, key j) that attend: causal, window, same document. Positions and doc ids come as
+    broadcastable 2-D index tensors (queries along rows in the forward and dQ tiles, along columns in dK/dV's)."""
+    ok = k_pos <= q_pos
     if HAS_WINDOW:
-        ok = ok & (offs_n[None, :] > offs_m[:, None] - W)
+        ok = ok & (k_pos > q_pos - W)
     if HAS_DOCS:
-        ok = ok & (doc_k[None, :] == doc_q[:, None])
+        ok = ok & (doc_k == doc_q)
     return ok
 
 
@@ -145,6 +159,124 @@ def _same_doc(ROW, TS, T, a0, a1, uni, doc):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Tile loops
+#
+# Every kernel holds one block (queries, or keys for dK/dV) and walks a range of tiles of the other side. Without
+# documents the range splits at compile-time-known places into edge tiles, which straddle the causal diagonal, the
+# window's far edge or the end of the row and build the mask, and interior tiles, which every pair of the tile sees:
+# the interior loop carries no mask code, no row bounds and no per-tile test (SPLIT). With documents (or SPLIT off)
+# one loop tests each tile at run time and masks the tiles that are not full.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _source(base, T, stride, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
+    """What a kernel streams (T, D) row tiles from (rows `stride` elements apart, the last dim contiguous): the pointer,
+    or with TMA a device-side tensor descriptor of the same view (Hopper's tensor-memory accelerator copies a whole
+    tile to shared memory asynchronously, no per-thread addresses). The descriptor's bounds make the hardware fill
+    rows >= T and columns >= D with zeros, as the masked pointer loads do."""
+    if TMA:
+        return tl.make_tensor_descriptor(base, shape=[T, D], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_D])
+    else:
+        return base
+
+
+@triton.jit
+def _load_rows(src, r0, stride, T, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr, TMA: tl.constexpr):
+    """Rows [r0, r0 + BLOCK_R) x columns [0, BLOCK_D) of a `_source`, zero past D and (CHECK_ROWS) past T."""
+    if TMA:
+        return src.load([r0, 0])
+    else:
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, BLOCK_D)
+        ptrs = src + offs_r[:, None] * stride + offs_d[None, :]
+        if CHECK_ROWS:
+            return tl.load(ptrs, mask=(offs_r[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+        elif D == BLOCK_D:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+
+
+@triton.jit
+def _key_range(m0, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Key tiles (starts: multiples of BLOCK_N) of queries [m0, m0 + BLOCK_M), m0 < T: [lo, a) cross the window's far
+    edge, [a, b) are interior, [b, hi) cross the causal diagonal. A tile [n0, n0 + BLOCK_N) is interior iff its last
+    key is visible to the first query, n0 + BLOCK_N - 1 <= m0 (so every key is < T), and its first key to the last
+    query, (m0 + BLOCK_M - 1) - n0 < W."""
+    hi = tl.minimum(m0 + BLOCK_M, T)
+    lo = 0
+    a = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(m0 - W + 1, 0) // BLOCK_N * BLOCK_N
+        a = tl.cdiv(tl.maximum(m0 + BLOCK_M - W, 0), BLOCK_N) * BLOCK_N
+    b = (m0 + 1) // BLOCK_N * BLOCK_N
+    a = tl.minimum(tl.maximum(a, lo), hi)
+    b = tl.maximum(b, a)  # b <= m0 + 1 <= hi
+    return lo, a, b, hi
+
+
+@triton.jit
+def _query_range(n0, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
+    """Query tiles (starts: multiples of BLOCK_M) that see keys [n0, n0 + BLOCK_N): [lo, a) cross the causal diagonal,
+    [a, b) are interior, [b, hi) cross the window's far edge or hold rows past T (interior tiles have none, so their
+    loads need no row bounds). Interior iff m0 >= n0 + BLOCK_N - 1 and (m0 + BLOCK_M - 1) - n0 < W."""
+    lo = n0 // BLOCK_M * BLOCK_M
+    hi = T
+    b = T // BLOCK_M * BLOCK_M
+    if HAS_WINDOW:
+        hi = tl.minimum(hi, n0 + BLOCK_N - 1 + W)
+        b = tl.minimum(b, tl.cdiv(tl.maximum(n0 + W - BLOCK_M + 1, 0), BLOCK_M) * BLOCK_M)
+    a = tl.cdiv(n0 + BLOCK_N - 1, BLOCK_M) * BLOCK_M
+    a = tl.minimum(tl.maximum(a, lo), hi)
+    b = tl.maximum(tl.minimum(b, hi), a)
+    return lo, a, b, hi
+
+
+@triton.jit
+def _fwd_tiles(acc, m_i, l_i, n_lo, n_hi,
+               MASK: tl.constexpr,  # 0: interior tiles, no mask; 1: edge tiles, always masked; 2: test each tile
+               HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+               q, k_src, v_src, skt, svt, m0, T, W,
+               sc,                  # (scale * log2 e, cap * log2 e, scale / cap)
+               docs,                # (ROW, TS, doc_q, q_doc, q_uni), read with MASK 2 only: see _attn_fwd_kernel
+               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               SOFTCAP: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+               INTERPRET: tl.constexpr):
+    """The online softmax (module docstring) of queries [m0, m0 + BLOCK_M) over key tiles [n_lo, n_hi)."""
+    ROW, TS, doc_q, q_doc, q_uni = docs
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_src, n0, skt, T, D, BLOCK_N, BLOCK_D, MASK != 0, TMA)
+        v = _load_rows(v_src, n0, svt, T, D, BLOCK_N, BLOCK_D, MASK != 0, TMA)
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
+        x, t = _logits(s, sc, SOFTCAP)
+        if MASK == 1:
+            x = tl.where(_visible(offs_m[:, None], offs_n[None, :], 0, 0, W, HAS_WINDOW, False), x, float("-inf"))
+        elif MASK == 2:
+            full = _tile_is_full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N, W, HAS_WINDOW)
+            if HAS_DOCS:
+                full = full & _same_doc(ROW, TS, T, n0, n0 + BLOCK_N, q_uni, q_doc)
+            if not full:
+                doc_k = offs_n
+                if HAS_DOCS:
+                    doc_k = tl.load(ROW + tl.minimum(offs_n, T - 1))
+                ok = _visible(offs_m[:, None], offs_n[None, :], doc_q[:, None], doc_k[None, :], W, HAS_WINDOW,
+                              HAS_DOCS)
+                x = tl.where(ok, x, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(x, 1))
+        p = tl.math.exp2(x - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _mm(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], UPCAST, PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -161,6 +293,8 @@ def _attn_fwd_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr,        # interior key tiles in their own loop, without mask code (section "Tile loops")
+    TMA: tl.constexpr,          # k/v tiles through tensor descriptors (_source)
     UPCAST: tl.constexpr, PREC: tl.constexpr,
     INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
@@ -172,69 +306,49 @@ def _attn_fwd_kernel(
     hk = h // GROUP
     m0 = mb * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
     b64 = b.to(tl.int64)
-    q_base = Q + b64 * sqb + h * sqh
-    k_base = K + b64 * skb + hk * skh
-    v_base = V + b64 * svb + hk * svh
-
-    q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=(offs_m[:, None] < T) & dmask[None, :],
-                other=0.0)
-
-    # Key range [lo, hi) this query block needs.
-    hi = tl.minimum(m0 + BLOCK_M, T)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(m0 - W + 1, 0)
-    ROW = DOC
-    doc_q = offs_m
-    q_doc = 0
-    q_uni = 0
-    if HAS_DOCS:
-        # Padding rows read token T-1's entries (clamped), so they change no min and stay finite.
-        ROW = DOC + b64 * T
-        offs_mc = tl.minimum(offs_m, T - 1)
-        doc_q = tl.load(ROW + offs_mc)
-        lo = tl.maximum(lo, tl.min(tl.load(ROW + TS + offs_mc), 0))  # first index of the earliest document
-        q_doc = tl.load(ROW + m0)
-        q_uni = tl.load(ROW + 3 * TS + tl.minimum(m0 + BLOCK_M, T) - 1) <= m0
-    lo = (lo // BLOCK_N) * BLOCK_N
+    q = _load_rows(Q + b64 * sqb + h * sqh, m0, sqt, T, D, BLOCK_M, BLOCK_D, True, False)
+    k_src = _source(K + b64 * skb + hk * skh, T, skt, D, BLOCK_N, BLOCK_D, TMA)
+    v_src = _source(V + b64 * svb + hk * svh, T, svt, D, BLOCK_N, BLOCK_D, TMA)
+    lo, a, c, hi = _key_range(m0, T, W, BLOCK_M, BLOCK_N, HAS_WINDOW)
 
     # m starts finite (not -inf) so a row whose first tiles are all masked gives exp2(-inf - m) = 0, never NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        n0 = tl.multiple_of(n0, BLOCK_N)
-        offs_n = n0 + offs_n0
-        kv_mask = (offs_n[:, None] < T) & dmask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
-        x, t = _logits(s, scale_log2, cap_log2, inv_cap_scale, SOFTCAP)
-        full = _tile_is_full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N, W, HAS_WINDOW)
-        if HAS_DOCS:
-            full = full & _same_doc(ROW, TS, T, n0, n0 + BLOCK_N, q_uni, q_doc)
-        if not full:
-            doc_k = offs_n
-            if HAS_DOCS:
-                doc_k = tl.load(ROW + tl.minimum(offs_n, T - 1))
-            x = tl.where(_visible(offs_m, offs_n, doc_q, doc_k, W, HAS_WINDOW, HAS_DOCS), x, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        p = tl.math.exp2(x - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = _mm(cast(p, v.dtype, INTERPRET), v, acc * alpha[:, None], UPCAST, PREC)
-        m_i = m_new
+    sc = (scale_log2, cap_log2, inv_cap_scale)
+    if HAS_DOCS:
+        # Padding rows read token T-1's entries (clamped), so they change no min and stay finite.
+        ROW = DOC + b64 * T
+        offs_mc = tl.minimum(offs_m, T - 1)
+        # start at the first index of the earliest document among the block's queries
+        lo = tl.maximum(lo, tl.min(tl.load(ROW + TS + offs_mc), 0) // BLOCK_N * BLOCK_N)
+        q_uni = tl.load(ROW + 3 * TS + tl.minimum(m0 + BLOCK_M, T) - 1) <= m0
+        docs = (ROW, TS, tl.load(ROW + offs_mc), tl.load(ROW + m0), q_uni)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, lo, hi, 2, HAS_WINDOW, True, q, k_src, v_src, skt, svt, m0, T, W,
+                                   sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+    else:
+        docs = (DOC, TS, offs_m, 0, False)  # unread
+        if SPLIT:
+            if HAS_WINDOW:
+                acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, lo, a, 1, True, False, q, k_src, v_src, skt, svt, m0, T,
+                                           W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC,
+                                           INTERPRET)
+            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, a, c, 0, HAS_WINDOW, False, q, k_src, v_src, skt, svt, m0, T,
+                                       W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, c, hi, 1, HAS_WINDOW, False, q, k_src, v_src, skt, svt, m0, T,
+                                       W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+        else:
+            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, lo, hi, 2, HAS_WINDOW, False, q, k_src, v_src, skt, svt, m0, T,
+                                       W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
 
     # Every real query sees at least itself, so l_i > 0 on the rows that are stored; the guard keeps padding
     # rows (never stored) free of 0/0.
     l_i = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_i[:, None]
     tl.store(O + (b64 * T + offs_m[:, None]) * (Hq * D) + h * D + offs_d[None, :],
-             cast(out, O.dtype.element_ty, INTERPRET), mask=(offs_m[:, None] < T) & dmask[None, :])
+             cast(out, O.dtype.element_ty, INTERPRET), mask=(offs_m[:, None] < T) & (offs_d[None, :] < D))
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < T)
 
 
@@ -246,87 +360,55 @@ def _attn_fwd_kernel(
 @triton.jit
 def _attn_bwd_delta_kernel(O, DO, DELTA, sob, sot, soh, sdb, sdt, sdh, T, Hq,
                            D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    # delta_i = dO_i . O_i (fp32), the row term of the softmax Jacobian; DELTA is (B, Hq, T).
+    # delta_i = dO_i . O_i (fp32), the row term of the softmax Jacobian; DELTA is (B, Hq, T). Only the atomic-dQ
+    # variant runs this pass; otherwise the dQ kernel computes delta on the way.
     mb = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // Hq).to(tl.int64)
     h = bh % Hq
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    msk = (offs_m[:, None] < T) & (offs_d[None, :] < D)
-    o = tl.load(O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :], mask=msk, other=0.0)
-    do = tl.load(DO + b * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=msk, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
+    m0 = mb * BLOCK_M
+    o = _load_rows(O + b * sob + h * soh, m0, sot, T, D, BLOCK_M, BLOCK_D, True, False)
+    do = _load_rows(DO + b * sdb + h * sdh, m0, sdt, T, D, BLOCK_M, BLOCK_D, True, False)
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA,    # q/do (B,T,Hq,D) (do has its own strides), k/v (B,T,Hk,D), LSE/DELTA (B,Hq,T)
-    DK, DV,                     # outputs (B,T,Hk,D) contiguous, in k's dtype
-    DOC, TS,                    # as in the forward
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
-    T, Hq, Hk,
-    scale, scale_log2, cap_log2, inv_cap_scale, W,
-    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
-    UPCAST: tl.constexpr, PREC: tl.constexpr,
-    INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
-):
-    # One program owns keys [n0, n0 + BLOCK_N) of one kv head and sums over its GROUP q heads: no atomics.
-    nb = tl.program_id(0)
-    bhk = tl.program_id(1)
-    b = bhk // Hk
-    hk = bhk % Hk
-    b64 = b.to(tl.int64)
-    n0 = nb * BLOCK_N
+def _dkdv_tiles(dk, dv, m_lo, m_hi,
+                MASK: tl.constexpr,  # as in _fwd_tiles
+                HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+                k, v, q_src, do_src, sqt, sdt, n0, T, W,
+                rows,                # (LSE_ROW, DELTA_ROW, DQA_ROW, sqa): this q head's lse and delta (indexed by
+                                     # query) and fp32 dQ accumulator (atomic variant) with its row stride
+                scale, sc,           # scale; (scale * log2 e, cap * log2 e, scale / cap)
+                docs,                # (ROW, TS, doc_k, k_doc, k_uni), MASK 2 only: see _attn_bwd_dkdv_kernel
+                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                SOFTCAP: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                UPCAST: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+    """dK, dV of keys [n0, n0 + BLOCK_N) from query tiles [m_lo, m_hi) of one q head (module docstring)."""
+    LSE_ROW, DELTA_ROW, DQA_ROW, sqa = rows
+    ROW, TS, doc_k, k_doc, k_uni = docs
     offs_n = n0 + tl.arange(0, BLOCK_N)
-    offs_m0 = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    kv_mask = (offs_n[:, None] < T) & dmask[None, :]
-    k = tl.load(K + b64 * skb + hk * skh + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b64 * svb + hk * svh + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-
-    # Query range [lo, hi) that sees this key block.
-    lo = n0
-    hi = T
-    if HAS_WINDOW:
-        hi = tl.minimum(hi, n0 + BLOCK_N - 1 + W)
-    ROW = DOC
-    doc_k = offs_n
-    k_doc = 0
-    k_uni = 0
-    if HAS_DOCS:
-        ROW = DOC + b64 * T
-        offs_nc = tl.minimum(offs_n, T - 1)
-        doc_k = tl.load(ROW + offs_nc)
-        hi = tl.minimum(hi, tl.max(tl.load(ROW + 2 * TS + offs_nc), 0) + 1)  # past the latest document's end
-        k_doc = tl.load(ROW + n0)
-        k_uni = tl.load(ROW + 3 * TS + tl.minimum(n0 + BLOCK_N, T) - 1) <= n0
-    lo = (lo // BLOCK_M) * BLOCK_M
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b64 * sqb + h * sqh
-        do_base = DO + b64 * sdb + h * sdh
-        row_base = (b64 * Hq + h) * T
-        for m0 in range(lo, hi, BLOCK_M):
-            m0 = tl.multiple_of(m0, BLOCK_M)
-            offs_m = m0 + offs_m0
-            q_mask = (offs_m[:, None] < T) & dmask[None, :]
-            q = tl.load(q_base + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-            do = tl.load(do_base + offs_m[:, None] * sdt + offs_d[None, :], mask=q_mask, other=0.0)
-            # Padding rows (>= T): lse 0 and dO 0, so their P is finite and every product with dO vanishes.
-            lse = tl.load(LSE + row_base + offs_m, mask=offs_m < T, other=0.0)
-            delta = tl.load(DELTA + row_base + offs_m, mask=offs_m < T, other=0.0)
-            # Transposed tile (keys x queries) so the accumulations below are plain (BN, BM) @ (BM, D) products.
-            sT = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PREC)
-            xT, tT = _logits(sT, scale_log2, cap_log2, inv_cap_scale, SOFTCAP)
-            pT = tl.math.exp2(xT - lse[None, :])
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        m0 = tl.multiple_of(m0, BLOCK_M)
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        q = _load_rows(q_src, m0, sqt, T, D, BLOCK_M, BLOCK_D, MASK != 0, TMA)
+        do = _load_rows(do_src, m0, sdt, T, D, BLOCK_M, BLOCK_D, MASK != 0, TMA)
+        # Padding rows (>= T): q = 0, dO = 0, lse 0 and delta 0, so their P is 1 (finite) and every product with
+        # dO vanishes.
+        if MASK == 0:
+            lse = tl.load(LSE_ROW + offs_m)
+            delta = tl.load(DELTA_ROW + offs_m)
+        else:
+            lse = tl.load(LSE_ROW + offs_m, mask=offs_m < T, other=0.0)
+            delta = tl.load(DELTA_ROW + offs_m, mask=offs_m < T, other=0.0)
+        # Transposed tile (keys x queries) so the accumulations below are plain (BN, BM) @ (BM, D) products.
+        sT = _mm(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PREC)
+        xT, tT = _logits(sT, sc, SOFTCAP)
+        pT = tl.math.exp2(xT - lse[None, :])
+        if MASK == 1:
+            pT = tl.where(_visible(offs_m[None, :], offs_n[:, None], 0, 0, W, HAS_WINDOW, False), pT, 0.0)
+        elif MASK == 2:
             full = _tile_is_full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N, W, HAS_WINDOW)
             if HAS_DOCS:
                 full = full & _same_doc(ROW, TS, T, m0, m0 + BLOCK_M, k_uni, k_doc)
@@ -334,32 +416,154 @@ def _attn_bwd_dkdv_kernel(
                 doc_q = offs_m
                 if HAS_DOCS:
                     doc_q = tl.load(ROW + tl.minimum(offs_m, T - 1))
-                pT = tl.where(tl.trans(_visible(offs_m, offs_n, doc_q, doc_k, W, HAS_WINDOW, HAS_DOCS)), pT, 0.0)
-            # dV_j += sum_i P_ij dO_i
-            dv = _mm(cast(pT, do.dtype, INTERPRET), do, dv, UPCAST, PREC)
-            # dP_ij = dO_i . v_j ; dX = P (dP - delta) ; softcap: dX *= 1 - tanh^2 (scale applied at the end)
-            dpT = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PREC)
-            dsT = pT * (dpT - delta[None, :])
-            if SOFTCAP:
-                dsT = dsT * (1.0 - tT * tT)
-            # dK_j += sum_i dS_ij q_i
-            dk = _mm(cast(dsT, q.dtype, INTERPRET), q, dk, UPCAST, PREC)
+                ok = _visible(offs_m[None, :], offs_n[:, None], doc_q[None, :], doc_k[:, None], W, HAS_WINDOW,
+                              HAS_DOCS)
+                pT = tl.where(ok, pT, 0.0)
+        # dV_j += sum_i P_ij dO_i
+        dv = _mm(cast(pT, do.dtype, INTERPRET), do, dv, UPCAST, PREC)
+        # dP_ij = dO_i . v_j ; dX = P (dP - delta) ; softcap: dX *= 1 - tanh^2 (scale applied at the end)
+        dpT = _mm(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST, PREC)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dsT = cast(dsT, q.dtype, INTERPRET)
+        # dK_j += sum_i dS_ij q_i
+        dk = _mm(dsT, q, dk, UPCAST, PREC)
+        if ATOMIC_DQ:
+            # dQ_i += scale * sum_j dS_ij k_j: this key block's share, added in fp32 to the rows' accumulator that
+            # every key-block program of the row adds to (in no fixed order: not bit-reproducible).
+            dq = _mm(tl.trans(dsT), k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), UPCAST, PREC) * scale
+            offs_d = tl.arange(0, BLOCK_D)
+            ptrs = DQA_ROW + offs_m[:, None] * sqa + offs_d[None, :]
+            if MASK == 0 and D == BLOCK_D:
+                tl.atomic_add(ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), sem="relaxed")
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA,    # q/do (B,T,Hq,D) (do has its own strides), k/v (B,T,Hk,D), LSE/DELTA (B,Hq,T)
+    DK, DV,                     # outputs (B,T,Hk,D) contiguous, in k's dtype
+    DQA,                        # ATOMIC_DQ: fp32 (B,T,Hq,D) zeros, receives scale * dS k
+    DOC, TS,                    # as in the forward
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+    T, Hq, Hk,
+    scale, scale_log2, cap_log2, inv_cap_scale, W,
+    GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr, TMA: tl.constexpr,  # as in the forward (TMA: the q/dO tiles)
+    ATOMIC_DQ: tl.constexpr,    # also accumulate dQ here (fp32 atomics) instead of the dQ kernel
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
+    INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
+):
+    # One program owns keys [n0, n0 + BLOCK_N) of one kv head and sums over its GROUP q heads: no atomics for dK/dV.
+    # Causal work shrinks with the key block, and block 0 (the most work) launches first.
+    nb = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // Hk
+    hk = bhk % Hk
+    b64 = b.to(tl.int64)
+    n0 = nb * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b64 * skb + hk * skh, n0, skt, T, D, BLOCK_N, BLOCK_D, True, False)
+    v = _load_rows(V + b64 * svb + hk * svh, n0, svt, T, D, BLOCK_N, BLOCK_D, True, False)
+    lo, a, c, hi = _query_range(n0, T, W, BLOCK_M, BLOCK_N, HAS_WINDOW)
+    sc = (scale_log2, cap_log2, inv_cap_scale)
+    docs = (DOC, TS, offs_n, 0, False)  # unread without documents
+    if HAS_DOCS:
+        ROW = DOC + b64 * T
+        offs_nc = tl.minimum(offs_n, T - 1)
+        hi = tl.minimum(hi, tl.max(tl.load(ROW + 2 * TS + offs_nc), 0) + 1)  # past the latest document's end
+        k_uni = tl.load(ROW + 3 * TS + tl.minimum(n0 + BLOCK_N, T) - 1) <= n0
+        docs = (ROW, TS, tl.load(ROW + offs_nc), tl.load(ROW + n0), k_uni)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(GROUP):
+        h = hk * GROUP + g
+        q_src = _source(Q + b64 * sqb + h * sqh, T, sqt, D, BLOCK_M, BLOCK_D, TMA)
+        do_src = _source(DO + b64 * sdb + h * sdh, T, sdt, D, BLOCK_M, BLOCK_D, TMA)
+        rows = (LSE + (b64 * Hq + h) * T, DELTA + (b64 * Hq + h) * T, DQA + b64 * T * Hq * D + h * D, Hq * D)
+        if HAS_DOCS or not SPLIT:
+            dk, dv = _dkdv_tiles(dk, dv, lo, hi, 2, HAS_WINDOW, HAS_DOCS, k, v, q_src, do_src, sqt, sdt, n0, T, W,
+                                 rows, scale, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, ATOMIC_DQ,
+                                 UPCAST, PREC, INTERPRET)
+        else:
+            dk, dv = _dkdv_tiles(dk, dv, lo, a, 1, HAS_WINDOW, False, k, v, q_src, do_src, sqt, sdt, n0, T, W,
+                                 rows, scale, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, ATOMIC_DQ,
+                                 UPCAST, PREC, INTERPRET)
+            dk, dv = _dkdv_tiles(dk, dv, a, c, 0, HAS_WINDOW, False, k, v, q_src, do_src, sqt, sdt, n0, T, W,
+                                 rows, scale, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, ATOMIC_DQ,
+                                 UPCAST, PREC, INTERPRET)
+            dk, dv = _dkdv_tiles(dk, dv, c, hi, 1, HAS_WINDOW, False, k, v, q_src, do_src, sqt, sdt, n0, T, W,
+                                 rows, scale, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, ATOMIC_DQ,
+                                 UPCAST, PREC, INTERPRET)
 
     out_off = (b64 * T + offs_n[:, None]) * (Hk * D) + hk * D + offs_d[None, :]
+    kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
     tl.store(DK + out_off, cast(dk * scale, DK.dtype.element_ty, INTERPRET), mask=kv_mask)
     tl.store(DV + out_off, cast(dv, DV.dtype.element_ty, INTERPRET), mask=kv_mask)
 
 
 @triton.jit
+def _dq_tiles(dq, n_lo, n_hi,
+              MASK: tl.constexpr,  # as in _fwd_tiles
+              HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
+              q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W,
+              sc, docs,            # as in _fwd_tiles
+              D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              SOFTCAP: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+              INTERPRET: tl.constexpr):
+    """dQ of queries [m0, m0 + BLOCK_M) from key tiles [n_lo, n_hi) (unscaled; the caller multiplies by scale)."""
+    ROW, TS, doc_q, q_doc, q_uni = docs
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        k = _load_rows(k_src, n0, skt, T, D, BLOCK_N, BLOCK_D, MASK != 0, TMA)
+        v = _load_rows(v_src, n0, svt, T, D, BLOCK_N, BLOCK_D, MASK != 0, TMA)
+        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
+        x, t = _logits(s, sc, SOFTCAP)
+        p = tl.math.exp2(x - lse[:, None])
+        if MASK == 1:
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], 0, 0, W, HAS_WINDOW, False), p, 0.0)
+        elif MASK == 2:
+            full = _tile_is_full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N, W, HAS_WINDOW)
+            if HAS_DOCS:
+                full = full & _same_doc(ROW, TS, T, n0, n0 + BLOCK_N, q_uni, q_doc)
+            if not full:
+                doc_k = offs_n
+                if HAS_DOCS:
+                    doc_k = tl.load(ROW + tl.minimum(offs_n, T - 1))
+                ok = _visible(offs_m[:, None], offs_n[None, :], doc_q[:, None], doc_k[None, :], W, HAS_WINDOW,
+                              HAS_DOCS)
+                p = tl.where(ok, p, 0.0)
+        # dP = dO v^T ; dX = P (dP - delta) ; softcap: dX *= 1 - tanh^2 ; dQ += dX k (scale applied at the end)
+        dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
+        ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * (1.0 - t * t)
+        dq = _mm(cast(ds, k.dtype, INTERPRET), k, dq, UPCAST, PREC)
+    return dq
+
+
+@triton.jit
 def _attn_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ,  # DQ (B,T,Hq,D) contiguous, in q's dtype
+    Q, K, V, DO, O, LSE,        # O like q (the forward's output, for delta)
+    DELTA, DQ,                  # outputs: DELTA (B,Hq,T) fp32 = rowsum(dO * O), read by the dK/dV kernel
+                                # afterwards; DQ (B,T,Hq,D) contiguous, in q's dtype
     DOC, TS,
-    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
+    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sob, sot, soh,
     T, Hq,
     scale, scale_log2, cap_log2, inv_cap_scale, W,
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
+    SPLIT: tl.constexpr, TMA: tl.constexpr,  # as in the forward
     UPCAST: tl.constexpr, PREC: tl.constexpr,
     INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
@@ -372,62 +576,46 @@ def _attn_bwd_dq_kernel(
     b64 = b.to(tl.int64)
     m0 = mb * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_n0 = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    dmask = offs_d < D
-    q_mask = (offs_m[:, None] < T) & dmask[None, :]
-    q = tl.load(Q + b64 * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=q_mask, other=0.0)
-    do = tl.load(DO + b64 * sdb + h * sdh + offs_m[:, None] * sdt + offs_d[None, :], mask=q_mask, other=0.0)
+    q = _load_rows(Q + b64 * sqb + h * sqh, m0, sqt, T, D, BLOCK_M, BLOCK_D, True, False)
+    do = _load_rows(DO + b64 * sdb + h * sdh, m0, sdt, T, D, BLOCK_M, BLOCK_D, True, False)
+    o = _load_rows(O + b64 * sob + h * soh, m0, sot, T, D, BLOCK_M, BLOCK_D, True, False)
+    # delta_i = dO_i . O_i (fp32), the row term of the softmax Jacobian, computed here instead of in a pass of its
+    # own, and stored for the dK/dV kernel.
+    delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    k_base = K + b64 * skb + hk * skh
-    v_base = V + b64 * svb + hk * svh
-
-    hi = tl.minimum(m0 + BLOCK_M, T)
-    lo = 0
-    if HAS_WINDOW:
-        lo = tl.maximum(m0 - W + 1, 0)
-    ROW = DOC
-    doc_q = offs_m
-    q_doc = 0
-    q_uni = 0
-    if HAS_DOCS:
-        # Padding rows read token T-1's entries (clamped), so they change no min and stay finite.
-        ROW = DOC + b64 * T
-        offs_mc = tl.minimum(offs_m, T - 1)
-        doc_q = tl.load(ROW + offs_mc)
-        lo = tl.maximum(lo, tl.min(tl.load(ROW + TS + offs_mc), 0))  # first index of the earliest document
-        q_doc = tl.load(ROW + m0)
-        q_uni = tl.load(ROW + 3 * TS + tl.minimum(m0 + BLOCK_M, T) - 1) <= m0
-    lo = (lo // BLOCK_N) * BLOCK_N
+    k_src = _source(K + b64 * skb + hk * skh, T, skt, D, BLOCK_N, BLOCK_D, TMA)
+    v_src = _source(V + b64 * svb + hk * svh, T, svt, D, BLOCK_N, BLOCK_D, TMA)
+    lo, a, c, hi = _key_range(m0, T, W, BLOCK_M, BLOCK_N, HAS_WINDOW)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        n0 = tl.multiple_of(n0, BLOCK_N)
-        offs_n = n0 + offs_n0
-        kv_mask = (offs_n[:, None] < T) & dmask[None, :]
-        k = tl.load(k_base + offs_n[:, None] * skt + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * svt + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
-        x, t = _logits(s, scale_log2, cap_log2, inv_cap_scale, SOFTCAP)
-        p = tl.math.exp2(x - lse[:, None])
-        full = _tile_is_full(m0, m0 + BLOCK_M, n0, n0 + BLOCK_N, W, HAS_WINDOW)
-        if HAS_DOCS:
-            full = full & _same_doc(ROW, TS, T, n0, n0 + BLOCK_N, q_uni, q_doc)
-        if not full:
-            doc_k = offs_n
-            if HAS_DOCS:
-                doc_k = tl.load(ROW + tl.minimum(offs_n, T - 1))
-            p = tl.where(_visible(offs_m, offs_n, doc_q, doc_k, W, HAS_WINDOW, HAS_DOCS), p, 0.0)
-        # dP = dO v^T ; dX = P (dP - delta) ; softcap: dX *= 1 - tanh^2 ; dQ += dX k (scale applied at the end)
-        dp = _mm(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
-        ds = p * (dp - delta[:, None])
-        if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dq = _mm(cast(ds, k.dtype, INTERPRET), k, dq, UPCAST, PREC)
+    sc = (scale_log2, cap_log2, inv_cap_scale)
+    if HAS_DOCS:
+        # as in the forward
+        ROW = DOC + b64 * T
+        offs_mc = tl.minimum(offs_m, T - 1)
+        lo = tl.maximum(lo, tl.min(tl.load(ROW + TS + offs_mc), 0) // BLOCK_N * BLOCK_N)
+        q_uni = tl.load(ROW + 3 * TS + tl.minimum(m0 + BLOCK_M, T) - 1) <= m0
+        docs = (ROW, TS, tl.load(ROW + offs_mc), tl.load(ROW + m0), q_uni)
+        dq = _dq_tiles(dq, lo, hi, 2, HAS_WINDOW, True, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc, docs,
+                       D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+    else:
+        docs = (DOC, TS, offs_m, 0, False)  # unread
+        if SPLIT:
+            if HAS_WINDOW:
+                dq = _dq_tiles(dq, lo, a, 1, True, False, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc,
+                               docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+            dq = _dq_tiles(dq, a, c, 0, HAS_WINDOW, False, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc,
+                           docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+            dq = _dq_tiles(dq, c, hi, 1, HAS_WINDOW, False, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc,
+                           docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+        else:
+            dq = _dq_tiles(dq, lo, hi, 2, HAS_WINDOW, False, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc,
+                           docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
 
     tl.store(DQ + (b64 * T + offs_m[:, None]) * (Hq * D) + h * D + offs_d[None, :],
-             cast(dq * scale, DQ.dtype.element_ty, INTERPRET), mask=q_mask)
+             cast(dq * scale, DQ.dtype.element_ty, INTERPRET), mask=(offs_m[:, None] < T) & (offs_d[None, :] < D))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -435,12 +623,28 @@ def _attn_bwd_dq_kernel(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _config(D, interp, dtype=torch.bfloat16, docs=False):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward, dK/dV and dQ kernels, by head dim.
+class KernelConfig(NamedTuple):
+    """How one kernel launches. block_m / block_n: queries / keys per tile; warps, stages: Triton's num_warps and
+    num_stages (shared-memory buffers of the streamed tiles); split: interior tiles in a loop without mask code
+    (section "Tile loops"); tma: streamed tiles through tensor descriptors (`_source`; Hopper and later); atomic_dq
+    (dK/dV kernel only): accumulate dQ in the dK/dV kernel with fp32 atomic adds and skip the dQ kernel. That
+    saves two of the backward's seven matmuls and one of its two exponentials per tile, for 4 B x D of atomic
+    traffic per query per key block, and makes dQ's last bits depend on the order the adds land in."""
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    split: bool = True
+    tma: bool = False
+    atomic_dq: bool = False
 
-    GPU (H200, sm_90): measured with tools/bench_attention.py --sweep (bf16, B 4, T 8192, 32 q / 8 kv heads,
-    causal; the whole table is in the issue-7 report). Forward TFLOP/s, backward as whole-backward TFLOP/s
-    with the other backward kernel at its default.
+
+def _config(D, interp, dtype=torch.bfloat16, docs=False):
+    """{"fwd", "dkdv", "dq"}: KernelConfig of the forward, dK/dV and dQ kernels, by head dim and case.
+
+    GPU (H200, sm_90), measured with tools/bench_attention.py --sweep (bf16, B 4, T 8192, 32 q / 8 kv heads,
+    causal) on the kernels before the interior/edge split (every tile tested at run time, split=False), the
+    backward as whole-backward TFLOP/s with the other backward kernel at its default:
     D <= 128 (80 and 96 pad to 128): a 128-query block gives two 64-row warpgroups (num_warps 8) sharing each
       K/V tile; BLOCK_N 64 keeps the 128 x 64 fp32 scores and the 128 x 128 accumulator in registers; 4 stages
       of K/V (4 x 2 x 64 x 128 x 2 B = 128 KB of 228 KB shared memory) hide the loads: 445 TFLOP/s, vs 380 with
@@ -451,26 +655,31 @@ def _config(D, interp, dtype=torch.bfloat16, docs=False):
       314 for 64 x 128 x 8); dQ 128 x 64, 8 warps (314).
     D = 256: the accumulators double: forward 64 x 64, 4 warps, 3 stages (431; 128 x 64 x 3 stages needs 256 KB
       of shared memory); dK/dV 64 x 64 x 8 warps x 1 stage (252; 32 x 64 x 2 stages: 220); dQ 128 x 32 (222).
+    split=True, tma=False and atomic_dq=False are unmeasured defaults: tools/sweep_attention.py times them
+    against the above (causal and window 4096, D 128) and its table decides these entries.
     Interpreter: small blocks (32 x 16) so tests with T ~ 100 cross several blocks, masks and skips.
     """
     if interp:
-        return dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
+        return dict(fwd=KernelConfig(32, 16, 4, 1), dkdv=KernelConfig(16, 32, 4, 1), dq=KernelConfig(32, 16, 4, 1))
     if dtype == torch.float32:
         # fp32 inputs (tests, not a fast path): tiles take twice the shared memory and the ieee products run
         # without tensor cores, so small blocks; the bf16 blocks above need up to 340 KB here (limit 227 KB).
-        return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)) if D <= 128 else \
-            dict(fwd=(32, 32, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 32, 4, 1))
+        # Unsplit: the split kernels' extra copies of the FMA-built products spill 30-80 KB per thread (ptxas -v).
+        K = functools.partial(KernelConfig, split=False)
+        if D <= 128:
+            return dict(fwd=K(64, 32, 4, 2), dkdv=K(32, 64, 4, 2), dq=K(64, 32, 4, 2))
+        return dict(fwd=K(32, 32, 4, 1), dkdv=K(16, 32, 4, 1), dq=K(32, 32, 4, 1))
     if docs and D <= 128:
         # Packed rows: a block that straddles a document edge computes its earlier document's keys for all its
         # rows, so smaller blocks waste less. 16 documents per 8k row, D 128, doc tables precomputed: forward
         # 64 x 32 x 4 warps 0.69 ms vs 0.93 ms with the causal blocks; dK/dV 32 x 64 and dQ 64 x 32 (4 warps)
-        # cut the backward by 0.33 and 0.14 ms (of 2.5).
-        return dict(fwd=(64, 32, 4, 3), dkdv=(32, 64, 4, 3), dq=(64, 32, 4, 3))
+        # cut the backward by 0.33 and 0.14 ms (of 2.5). (Documents always test each tile: split has no effect.)
+        return dict(fwd=KernelConfig(64, 32, 4, 3), dkdv=KernelConfig(32, 64, 4, 3), dq=KernelConfig(64, 32, 4, 3))
     if D <= 64:
-        return dict(fwd=(64, 64, 4, 3), dkdv=(64, 64, 4, 3), dq=(128, 64, 8, 3))
+        return dict(fwd=KernelConfig(64, 64, 4, 3), dkdv=KernelConfig(64, 64, 4, 3), dq=KernelConfig(128, 64, 8, 3))
     if D <= 128:
-        return dict(fwd=(128, 64, 8, 4), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 4))
-    return dict(fwd=(64, 64, 4, 3), dkdv=(64, 64, 8, 1), dq=(128, 32, 8, 2))
+        return dict(fwd=KernelConfig(128, 64, 8, 4), dkdv=KernelConfig(64, 128, 8, 3), dq=KernelConfig(128, 64, 8, 4))
+    return dict(fwd=KernelConfig(64, 64, 4, 3), dkdv=KernelConfig(64, 64, 8, 1), dq=KernelConfig(128, 32, 8, 2))
 
 
 def _check(q, k, v, scale, doc_ids, window, softcap):
@@ -543,65 +752,111 @@ def _scalars(D, scale, softcap, window, T):
                 W=int(window) if has_window else T, HAS_WINDOW=has_window, SOFTCAP=softcap is not None)
 
 
-def _attention_fwd(q, k, v, scale, tables, window, softcap, cfg=None):
-    B, T, Hq, D = q.shape
-    Hk = k.shape[2]
+def _tma_ok(*ts):
+    """Tensor descriptors need a 16-byte aligned base and 16-byte multiples for every stride but the last; the
+    per-(batch, head) views the kernels describe then are too. Otherwise the kernels load through pointers (same
+    results: TMA is a way to load, not a different computation)."""
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in ts)
+
+
+def _launch(kernel, grid, args, kw, tma, device):
+    """kernel[grid](*args, **kw). Device-side tensor descriptors (tma) live in a global scratch buffer that Triton
+    asks `triton.set_allocator`'s allocator for at launch; the allocator is set in a copy of the caller's context,
+    so nothing outside this call changes."""
+    if not tma:
+        kernel[grid](*args, **kw)
+        return
+
+    def run():
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+        kernel[grid](*args, **kw)
+
+    contextvars.copy_context().run(run)
+
+
+def _common(q, k, sc, tables, kc):
+    """Constexpr launch arguments shared by the kernels."""
     interp = interpreting(q)
-    BM, BN, warps, stages = (cfg or _config(D, interp, q.dtype, tables is not None))["fwd"]
+    D = q.shape[3]
+    return dict(GROUP=q.shape[2] // k.shape[2], D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                BLOCK_M=kc.block_m, BLOCK_N=kc.block_n, HAS_WINDOW=sc["HAS_WINDOW"], HAS_DOCS=tables is not None,
+                SOFTCAP=sc["SOFTCAP"], SPLIT=kc.split, UPCAST=interp,
+                PREC="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp,
+                num_warps=kc.warps, num_stages=kc.stages)
+
+
+def _attention_fwd(q, k, v, scale, tables, window, softcap, cfg=None):
+    """(o, lse) with lse (B, Hq, T) fp32 in base 2. cfg: a `_config` dict (tools/sweep_attention.py passes its own)."""
+    B, T, Hq, D = q.shape
+    kc = (cfg or _config(D, interpreting(q), q.dtype, tables is not None))["fwd"]
     sc = _scalars(D, scale, softcap, window, T)
+    tma = kc.tma and _tma_ok(k, v)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
-    has_docs = tables is not None
-    grid = (triton.cdiv(T, BM), B * Hq)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, tables if has_docs else lse, B * T,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        T, Hq,
-        sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"],
-        GROUP=Hq // Hk, D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=BM, BLOCK_N=BN,
-        HAS_WINDOW=sc["HAS_WINDOW"], HAS_DOCS=has_docs, SOFTCAP=sc["SOFTCAP"],
-        UPCAST=interp, PREC="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp,
-        num_warps=warps, num_stages=stages,
-    )
+    args = (q, k, v, o, lse, tables if tables is not None else lse, B * T,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            T, Hq, sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
+    _launch(_attn_fwd_kernel, (triton.cdiv(T, kc.block_m), B * Hq), args,
+            dict(_common(q, k, sc, tables, kc), TMA=tma), tma, q.device)
     return o, lse
+
+
+def _bwd_delta(o, do):
+    """delta = rowsum(dO * O) (B, Hq, T) fp32, for the atomic-dQ variant (the dQ kernel computes it otherwise)."""
+    B, T, Hq, D = o.shape
+    delta = torch.empty(B, Hq, T, device=o.device, dtype=torch.float32)
+    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](
+        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, Hq,
+        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=64, num_warps=4)
+    return delta
+
+
+def _bwd_dq(do, q, k, v, o, lse, sc, tables, kc):
+    """(dq, delta): the dQ kernel, which also computes and stores delta for the dK/dV kernel."""
+    B, T, Hq, D = q.shape
+    tma = kc.tma and _tma_ok(k, v)
+    delta = torch.empty_like(lse)
+    dq = torch.empty(B, T, Hq, D, device=q.device, dtype=q.dtype)
+    args = (q, k, v, do, o, lse, delta, dq, tables if tables is not None else lse, B * T,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o.stride()[:3],
+            T, Hq, sc["scale"], sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
+    _launch(_attn_bwd_dq_kernel, (triton.cdiv(T, kc.block_m), B * Hq), args,
+            dict(_common(q, k, sc, tables, kc), TMA=tma), tma, q.device)
+    return dq, delta
+
+
+def _bwd_dkdv(do, q, k, v, lse, delta, sc, tables, kc, dq_acc=None):
+    """(dk, dv): the dK/dV kernel. With kc.atomic_dq it also adds scale * dS k into dq_acc (fp32 (B, T, Hq, D)
+    zeros)."""
+    B, T, Hq, D = q.shape
+    Hk = k.shape[2]
+    if kc.atomic_dq and (dq_acc is None or dq_acc.dtype != torch.float32 or not dq_acc.is_contiguous()):
+        raise ValueError("dq_acc must be a contiguous fp32 (B, T, Hq, D) tensor when atomic_dq is set")
+    tma = kc.tma and _tma_ok(q, do)
+    dk = torch.empty(B, T, Hk, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, T, Hk, D, device=q.device, dtype=v.dtype)
+    args = (q, k, v, do, lse, delta, dk, dv, dq_acc if kc.atomic_dq else lse,
+            tables if tables is not None else lse, B * T,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
+            T, Hq, Hk, sc["scale"], sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
+    _launch(_attn_bwd_dkdv_kernel, (triton.cdiv(T, kc.block_n), B * Hk), args,
+            dict(_common(q, k, sc, tables, kc), TMA=tma, ATOMIC_DQ=kc.atomic_dq), tma, q.device)
+    return dk, dv
 
 
 def _attention_bwd(do, q, k, v, o, lse, scale, tables, window, softcap, cfg=None):
     B, T, Hq, D = q.shape
-    Hk = k.shape[2]
-    interp = interpreting(q)
-    cfg = cfg or _config(D, interp, q.dtype, tables is not None)
+    cfg = cfg or _config(D, interpreting(q), q.dtype, tables is not None)
     sc = _scalars(D, scale, softcap, window, T)
-    BLOCK_D = max(16, triton.next_power_of_2(D))
     do = _last_contig(do)
-    common = dict(GROUP=Hq // Hk, D=D, BLOCK_D=BLOCK_D, HAS_WINDOW=sc["HAS_WINDOW"], HAS_DOCS=tables is not None,
-                  SOFTCAP=sc["SOFTCAP"], UPCAST=interp, PREC="ieee" if q.dtype == torch.float32 else "tf32",
-                  INTERPRET=interp)
-    scal = (sc["scale"], sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-
-    delta = torch.empty_like(lse)
-    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, Hq,
-        D=D, BLOCK_D=BLOCK_D, BLOCK_M=64, num_warps=4)
-
-    doc = tables if tables is not None else lse
-    dk = torch.empty(B, T, Hk, D, device=q.device, dtype=k.dtype)
-    dv = torch.empty(B, T, Hk, D, device=q.device, dtype=v.dtype)
-    BM, BN, warps, stages = cfg["dkdv"]
-    _attn_bwd_dkdv_kernel[(triton.cdiv(T, BN), B * Hk)](
-        q, k, v, do, lse, delta, dk, dv, doc, B * T, *strides,
-        T, Hq, Hk, *scal,
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
-
-    dq = torch.empty(B, T, Hq, D, device=q.device, dtype=q.dtype)
-    BM, BN, warps, stages = cfg["dq"]
-    _attn_bwd_dq_kernel[(triton.cdiv(T, BM), B * Hq)](
-        q, k, v, do, lse, delta, dq, doc, B * T, *strides,
-        T, Hq, *scal,
-        BLOCK_M=BM, BLOCK_N=BN, num_warps=warps, num_stages=stages, **common)
+    if cfg["dkdv"].atomic_dq:
+        delta = _bwd_delta(o, do)
+        dq_acc = torch.zeros(B, T, Hq, D, device=q.device, dtype=torch.float32)
+        dk, dv = _bwd_dkdv(do, q, k, v, lse, delta, sc, tables, cfg["dkdv"], dq_acc)
+        return dq_acc.to(q.dtype), dk, dv
+    dq, delta = _bwd_dq(do, q, k, v, o, lse, sc, tables, cfg["dq"])
+    dk, dv = _bwd_dkdv(do, q, k, v, lse, delta, sc, tables, cfg["dkdv"])
     return dq, dk, dv
 
 

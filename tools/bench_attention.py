@@ -1,7 +1,10 @@
 """GPU benchmark: hare's Triton attention vs SDPA's backends and FlexAttention (issue 7). CUDA only.
 
     python -m hare.tools.bench_attention --out bench_attention.json      (also writes bench_attention.md)
-    python -m hare.tools.bench_attention --sweep --out sweep.json        (block-size sweep for kernels/attention.py)
+    python -m hare.tools.bench_attention --sweep --out sweep.json        (block-size sweep for kernels/attention.py,
+                                                                          head dims 128/64/256; for D 128 the
+                                                                          fuller variant sweep with checks is
+                                                                          tools/sweep_attention.py)
 
 FLOPs: a causal forward counts half of dense, 4 * B * Hq * T^2 * D / 2; masked cases (documents, windows) count
 only the visible pairs, 4 * B * Hq * D * n_visible, so TFLOP/s are comparable across providers of one case.
@@ -224,29 +227,30 @@ def main_sweep(args):
     A = _import_hare()
     dtype = dict(bf16=torch.bfloat16, fp16=torch.float16)[args.dtype]
     rows = []
+    # (BLOCK_M, BLOCK_N, warps, stages) per kernel; each is timed with the interior/edge split and without
+    # (kernels/attention.py KernelConfig.split). D 128 has a fuller sweep in tools/sweep_attention.py.
     cands = {
-        128: dict(fwd=[(128, 64, 8, 4), (128, 64, 8, 5), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3),
-                       (128, 64, 4, 4)],
-                  dkdv=[(64, 128, 8, 3), (64, 128, 8, 4), (32, 128, 8, 4), (64, 64, 8, 3), (128, 128, 8, 2)],
-                  dq=[(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 4), (128, 32, 8, 4)]),
-        64: dict(fwd=[(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
-                 dkdv=[(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)],
-                 dq=[(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3), (128, 128, 8, 3)]),
-        256: dict(fwd=[(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-                  dkdv=[(32, 64, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 1),
-                        (32, 64, 8, 1)],
-                  dq=[(128, 32, 8, 2), (64, 32, 4, 2), (128, 32, 8, 1), (64, 64, 4, 2)]),
+        128: dict(fwd=[(128, 64, 8, 4), (128, 128, 8, 3), (64, 64, 4, 3)],
+                  dkdv=[(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+                  dq=[(128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 2)]),
+        64: dict(fwd=[(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 4)],
+                 dkdv=[(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)],
+                 dq=[(128, 64, 8, 3), (128, 64, 4, 3), (128, 32, 4, 3)]),
+        256: dict(fwd=[(128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+                  dkdv=[(32, 64, 8, 2), (64, 64, 8, 1), (32, 64, 8, 1)],
+                  dq=[(128, 32, 8, 2), (64, 32, 4, 2), (64, 64, 4, 2)]),
     }
-    if args.packed:  # the packed-rows case of the comparison, doc tables precomputed
+    if args.packed:  # the packed-rows case of the comparison, doc tables precomputed (documents never split)
         cands = {128: dict(fwd=[(128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
                            dkdv=[(64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3)],
                            dq=[(128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 3), (128, 32, 8, 3)])}
+    splits = (True,) if args.packed else (True, False)
     T = 8192
     for D in args.dims:
         B = 4
         Hq, Hk = 32, 8
         q, k, v, do = make_inputs(B, T, Hq, Hk, D, dtype)
-        base = A._config(D, False)
+        base = A._config(D, False, dtype, args.packed)
         tables = None
         fl = 4 * B * Hq * D * visible_pairs(T)
         if args.packed:
@@ -256,9 +260,9 @@ def main_sweep(args):
             fl = 4 * Hq * D * sum(visible_pairs(T, lens=ls) for ls in lens)
         o, lse = A._attention_fwd(q, k, v, None, tables, None, None, base)
         for part in ("fwd", "dkdv", "dq"):
-            for c in cands[D][part]:
-                cfg = dict(base, **{part: c})
-                row = dict(D=D, part=part, cfg=c, T=T, B=B)
+            for c, split in ((c, split) for c in cands[D][part] for split in splits):
+                cfg = dict(base, **{part: A.KernelConfig(*c, split=split)})
+                row = dict(D=D, part=part, cfg=c, split=split, T=T, B=B)
                 try:
                     if part == "fwd":
                         ms = bench(lambda: A._attention_fwd(q, k, v, None, tables, None, None, cfg))
@@ -276,10 +280,10 @@ def main_sweep(args):
 
 def to_markdown(rows, sweep):
     if sweep:
-        lines = ["| D | kernel | BLOCK_M, BLOCK_N, warps, stages | ms | TFLOP/s |", "|---|---|---|---|---|"]
+        lines = ["| D | kernel | BLOCK_M, BLOCK_N, warps, stages | split | ms | TFLOP/s |", "|---|---|---|---|---|---|"]
         for r in rows:
             tf = r.get("tflops", r.get("bwd_tflops"))
-            lines.append(f"| {r['D']} | {r['part']} | {r['cfg']} | {r.get('ms', float('nan')):.3f} | "
+            lines.append(f"| {r['D']} | {r['part']} | {r['cfg']} | {r['split']} | {r.get('ms', float('nan')):.3f} | "
                          f"{tf if tf is None else round(tf, 1)} {r.get('error', '')} |")
         return "\n".join(lines) + "\n"
     lines = ["| case | provider | B | fwd ms | fwd TFLOP/s | fwd+bwd ms | fwd+bwd TFLOP/s | note |",

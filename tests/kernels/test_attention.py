@@ -1,11 +1,15 @@
 """Triton attention vs attention_ref (fp64 truth; control = the ref in the kernel's dtype).
 
 On CPU the kernels run in the Triton interpreter with 32 x 16 blocks (kernels/attention.py: _config), so
-T = 129 crosses several query and key blocks, diagonal tiles, skipped tiles and document edges. The GPU runs
-the same tests with its own blocks, plus the long and wide cases the interpreter is too slow for.
+T = 129 crosses several query and key blocks, diagonal tiles, interior tiles, skipped tiles and document edges.
+The GPU runs the same tests with its own blocks, plus the long and wide cases the interpreter is too slow for.
+test_launch_variants runs the launch variants that tools/sweep_attention.py may pick (no split, atomic dQ, TMA
+loads, other block shapes) through the same checks.
 """
 import pytest
 import torch
+
+import importlib
 
 from hare.kernels.attention import attention, attention_doc_tables, attention_ref
 from tests.tolerance import assert_close_to_ref
@@ -24,7 +28,13 @@ def docs_from_lengths(rows):
     return torch.tensor([[d for d, n in enumerate(lens) for _ in range(n)] for lens in rows], device=DEV)
 
 
-def check(B, T, Hq, Hk, D, dtype, seed=0, **kw):
+# the module (hare.kernels re-exports the function under the same name), for the launch variants
+A = importlib.import_module("hare.kernels.attention")
+
+
+def check(B, T, Hq, Hk, D, dtype, seed=0, cfg=None, **kw):
+    """Output and gradients of the Triton path vs the fp64 ref, control = the ref in `dtype`. cfg: a launch
+    configuration (kernels/attention.py `_config`) run through the internal launchers instead of the default."""
     g = torch.Generator().manual_seed(seed)
     q, k, v, do = (torch.randn(B, T, h, D, generator=g).to(DEV) for h in (Hq, Hk, Hk, Hq))
 
@@ -33,7 +43,10 @@ def check(B, T, Hq, Hk, D, dtype, seed=0, **kw):
         o = fn(*leaves, **kw)
         return (o, *torch.autograd.grad(o, leaves, do.to(dt)))
 
-    out = run(lambda *a, **k_: attention(*a, backend="triton", **k_), dtype)
+    if cfg is None:
+        out = run(lambda *a, **k_: attention(*a, backend="triton", **k_), dtype)
+    else:
+        out = run_config(cfg, *(t.to(dtype) for t in (q, k, v, do)), **kw)
     ref64 = run(attention_ref, torch.float64)
     control = run(attention_ref, dtype)
     self_only = T == 1 or kw.get("window") == 1
@@ -45,6 +58,13 @@ def check(B, T, Hq, Hk, D, dtype, seed=0, **kw):
             assert (a.double().abs() <= bound).all(), f"{name}: {a.abs().max():.3e} > fp32 residue bound"
         else:
             assert_close_to_ref(a, r, c, name=name)
+
+
+def run_config(cfg, q, k, v, do, scale=None, doc_ids=None, window=None, softcap=None):
+    """(o, dq, dk, dv) from the launchers with launch configuration `cfg`."""
+    tables = None if doc_ids is None else attention_doc_tables(doc_ids)
+    o, lse = A._attention_fwd(q, k, v, scale, tables, window, softcap, cfg)
+    return (o, *A._attention_bwd(do, q, k, v, o, lse, scale, tables, window, softcap, cfg))
 
 
 def _self_only_residue_bound(q, k, v, do, dtype, scale=None):
@@ -209,3 +229,46 @@ def test_shape_errors():
     with pytest.raises(ValueError, match="head dim"):
         big = torch.randn(1, 2, 1, 320, device=DEV)
         attention(big, big, big, backend="triton")
+
+
+# Launch variants (kernels/attention.py KernelConfig), each of which tools/sweep_attention.py may time and pick:
+# without the interior/edge split, dQ by atomics in the dK/dV kernel, tiles through TMA descriptors, and block
+# shapes with the other side larger (BLOCK_N > BLOCK_M in the forward and dQ, BLOCK_M > BLOCK_N in dK/dV) than
+# the default interpreter blocks, so every boundary formula of _key_range / _query_range meets both orders.
+K = A.KernelConfig
+VARIANTS = {
+    "unsplit": dict(fwd=K(32, 16, 4, 1, split=False), dkdv=K(16, 32, 4, 1, split=False),
+                    dq=K(32, 16, 4, 1, split=False)),
+    "atomic_dq": dict(fwd=K(32, 16, 4, 1), dkdv=K(16, 32, 4, 1, atomic_dq=True), dq=K(32, 16, 4, 1)),
+    "tma": dict(fwd=K(32, 16, 4, 1, tma=True), dkdv=K(16, 32, 4, 1, tma=True, atomic_dq=True),
+                dq=K(32, 16, 4, 1, tma=True)),
+    "swapped_blocks": dict(fwd=K(16, 32, 4, 1), dkdv=K(32, 16, 4, 1), dq=K(16, 32, 4, 1)),
+}
+VARIANT_CASES = {
+    "causal_gqa": dict(B=1, T=100, Hq=4, Hk=1, D=32),
+    "window_softcap_d80": dict(B=1, T=100, Hq=2, Hk=1, D=80, window=40, softcap=8.0, scale=0.3),
+    "small_window": dict(B=1, T=100, Hq=2, Hk=2, D=32, window=7),
+    "docs_window": dict(B=2, T=97, Hq=2, Hk=1, D=32, window=33),
+}
+
+
+@pytest.mark.parametrize("case", list(VARIANT_CASES))
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_launch_variants(variant, case):
+    kw = dict(VARIANT_CASES[case])
+    if case == "docs_window":
+        kw["doc_ids"] = docs_from_lengths([[40, 1, 56], [97]])
+    shape = [kw.pop(n) for n in ("B", "T", "Hq", "Hk", "D")]
+    check(*shape, LOW[0], cfg=VARIANTS[variant], **kw)
+
+
+def test_launch_variant_fp32():
+    # fp32 runs the ieee products, and its tighter control catches a wrong mask or range more easily.
+    check(1, 90, 4, 2, 32, torch.float32, cfg=VARIANTS["atomic_dq"], window=50)
+    check(1, 90, 4, 2, 32, torch.float32, cfg=VARIANTS["swapped_blocks"], window=50)
+
+
+def test_tma_needs_aligned_strides():
+    # Descriptors need 16-byte strides; D = 20 in fp16 (40-byte rows) is loaded through pointers instead.
+    x = torch.empty(1, 3, 2, 20, dtype=torch.float16)
+    assert not A._tma_ok(x) and A._tma_ok(torch.empty(1, 3, 2, 64, dtype=torch.float16))
