@@ -220,6 +220,10 @@ class NF4Weight:
     def to(self, device, non_blocking=False) -> "NF4Weight":
         """A copy of the container with every buffer on `device` (the same object if already there)."""
         device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            # "cuda" means the current device; torch.device("cuda") != torch.device("cuda:0") would copy every
+            # buffer that is already there (seen on the H200: q.to("cuda") is not q)
+            device = torch.device("cuda", torch.cuda.current_device())
         if all(t.device == device for t in self.tensors().values()):
             return self
         moved = {k: t.to(device, non_blocking=non_blocking) for k, t in self.tensors().items()}

@@ -97,7 +97,7 @@ def test_inplace_backward_also_gives_the_activation(approximate):
     """geglu_bwd(inplace=True) writes (dgate, dup, h) over (gate, up, dy), equal to the two-pass results."""
     from hare.kernels.geglu import geglu_bwd, geglu_fwd
     g = torch.Generator().manual_seed(0)
-    gate, up, dy = (torch.randn(5, 123, generator=g) * 3 for _ in range(3))
+    gate, up, dy = ((torch.randn(5, 123, generator=g) * 3).to(DEVICE) for _ in range(3))
     dg, du = geglu_bwd(dy, gate, up, approximate)
     h = geglu_fwd(gate, up, approximate)
     bufs = (gate.clone(), up.clone(), dy.clone())

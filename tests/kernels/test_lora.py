@@ -13,6 +13,8 @@ from tests.tolerance import assert_close_to_ref
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 IN, R = 37, 5
+# the Triton paths run on the GPU when there is one, through the interpreter (CPU tensors) otherwise
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _proj(out, inp=IN, r=R, bias=False, adapter=True, seed=0, scale=1.7):
@@ -30,9 +32,10 @@ def _cast(projections, dtype, adapter_dtype=None):
     """Base weights in the compute dtype; adapters in adapter_dtype (fp32 masters) and trainable."""
     out = []
     for W, b, A, B, s in projections:
-        cast = [W.to(dtype), None if b is None else b.to(dtype)]
+        cast = [W.to(DEVICE, dtype), None if b is None else b.to(DEVICE, dtype)]
         for t in (A, B):
-            cast.append(None if t is None else t.detach().to(adapter_dtype or dtype).clone().requires_grad_(True))
+            cast.append(None if t is None else
+                        t.detach().to(DEVICE, adapter_dtype or dtype).clone().requires_grad_(True))
         out.append(cast + [s])
     return out
 
@@ -42,11 +45,11 @@ def _leaves(x, projections):
 
 
 def _run(fn, x, projections, dys, dtype, adapter_dtype=None):
-    xs = x.detach().to(dtype).clone().requires_grad_(True)
+    xs = x.detach().to(DEVICE, dtype).clone().requires_grad_(True)
     ps = _cast(projections, dtype, adapter_dtype)
     outs = fn(xs, ps)
     outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(outs, [dy.to(o.dtype) for dy, o in zip(dys, outs)])
+    torch.autograd.backward(outs, [dy.to(DEVICE, o.dtype) for dy, o in zip(dys, outs)])
     return list(outs), [t.grad for t in _leaves(xs, ps)]
 
 
@@ -131,7 +134,7 @@ class CountingQuant:
 def test_quantized_base_is_dequantized_again_and_never_kept():
     W, b, A, B, s = _cast([_proj(29, seed=3)], torch.float32)[0]
     q = CountingQuant(W)
-    x = torch.randn(2, 5, IN, requires_grad=True)
+    x = torch.randn(2, 5, IN, device=DEVICE, requires_grad=True)
     y = lora.lora_linear(x, q, b, A, B, s, backend="triton")
     assert q.calls == 1 and q.live() == 0, "a dequantized weight outlived the forward"
     y.square().sum().backward()
@@ -147,7 +150,7 @@ def test_quantized_base_is_dequantized_again_and_never_kept():
 def test_quantized_mlp_keeps_no_dequantized_weight():
     ps = _cast([_proj(17, seed=1), _proj(17, seed=2), _proj(IN, inp=17, seed=3)], torch.float32)
     qs = [CountingQuant(p[0]) for p in ps]
-    x = torch.randn(6, IN, requires_grad=True)
+    x = torch.randn(6, IN, device=DEVICE, requires_grad=True)
     y = lora.lora_mlp(x, *[[q] + p[1:] for q, p in zip(qs, ps)], backend="triton")
     assert all(q.live() == 0 for q in qs)
     y.sum().backward()
@@ -160,7 +163,7 @@ def test_nf4_base_gradients_equal_dense_dequantized_base():
     W, b, A, B, s = _cast([_proj(64, seed=4)], torch.float32)[0]
     w4 = nf4.quantize_nf4(W)
     dense = w4.dequantize(torch.float32)
-    x = torch.randn(3, 4, IN)
+    x = torch.randn(3, 4, IN, device=DEVICE)
     grads = []
     for base in (w4, dense):
         A_, B_ = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
@@ -174,7 +177,7 @@ def test_nf4_base_gradients_equal_dense_dequantized_base():
 
 def test_preconditions():
     W, b, A, B, s = _cast([_proj(8, seed=1)], torch.float32)[0]
-    x = torch.randn(3, IN)
+    x = torch.randn(3, IN, device=DEVICE)
     with pytest.raises(ValueError, match="both"):
         lora.lora_linear(x, W, b, A, None, s, backend="triton")
     with pytest.raises(ValueError, match="dtype"):
@@ -196,10 +199,10 @@ def test_mlp_without_output_gives_the_same_gradients(act):
     for need_output in (True, False):
         projections = _cast([_proj(inter, seed=7), _proj(inter, seed=8), _proj(IN, inp=inter, seed=9)],
                             torch.float32)
-        x = torch.randn(2, 9, IN, dtype=torch.float32, generator=torch.Generator().manual_seed(10))
+        x = torch.randn(2, 9, IN, dtype=torch.float32, generator=torch.Generator().manual_seed(10)).to(DEVICE)
         x.requires_grad_()
         y = lora.lora_mlp(x, *projections, act=act, backend="triton", need_output=need_output)
-        dy = torch.randn(y.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(11))
+        dy = torch.randn(y.shape, dtype=torch.float32, generator=torch.Generator().manual_seed(11)).to(DEVICE)
         y.backward(dy, retain_graph=True)
         grads.append([x.grad] + [t.grad for p in projections for t in p[2:4]])
         with pytest.raises(RuntimeError, match="retain_graph"):

@@ -101,7 +101,7 @@ def test_zero_blocks():
 def test_nibble_order_hand_built_byte():
     # element 2i in the high nibble: 0x7F is (index 7 = 0.0, index 15 = 1.0), 0x0F is (-1.0, 1.0)
     w = NF4Weight(packed=torch.tensor([0x7F, 0x0F], dtype=torch.uint8), absmax=torch.tensor([2.0]),
-                  quant_map=nf4_map(), shape=(4,), dtype=torch.float32, blocksize=64)
+                  quant_map=nf4_map(), shape=(4,), dtype=torch.float32, blocksize=64).to(DEVICE)
     assert w.dequantize(torch.float32, backend="ref").tolist() == [0.0, 2.0, -2.0, 2.0]
     assert w.dequantize(torch.float32, backend="triton").tolist() == [0.0, 2.0, -2.0, 2.0]
     q = quantize_nf4(torch.tensor([0.0, 1.0, -1.0, 1.0]), double_quant=False)
