@@ -54,11 +54,11 @@ class DequantConfig(NamedTuple):
     streaming: bool = False  # evict-first loads of the packed words, streaming (.cs) stores
 
 
-# The previous launch, 64 blocks of 64 = 4096 outputs per program, 2 warps, one program per tile, was the best of
-# 2048..16384 outputs x 2/4/8 warps (42.7 us at 4096 x 14336 -> bf16 on an H200). The default below is a guess
-# from the compiled code, not yet measured: 2048 elements x 2 warps with lut="gather" needs 7.9 instructions per
-# element (8.9 before) and 32 registers, so 32 programs fit on an SM (the previous launch: 66 registers, ~15)
-# and twice the packed bytes are in flight per SM. Run tools/sweep_nf4.py and paste its DEQUANT_CONFIG line.
+# Measured on an H200, 2026-11-28, `python -m hare.tools.sweep_nf4` (copy 4275 GB/s; torch's own write-only fill
+# of the output reached 3038-3074 GB/s): every one-program-per-tile variant lands at 41.3-42.4 us (82-84% of copy)
+# at 4096 x 14336 and 14336 x 4096 -> bf16, this default 42.1 / 42.0 us (82.1 / 82.2%), the best 41.3 us (8192
+# elements x 4 warps, lut "load"): within the run's noise. Persistent programs (with or without prefetch stages)
+# and streaming hints were slower (43.5-47 us). The previous launch (4096 x 2 warps, scalar word loads): 42.7 us.
 DEQUANT_CONFIG = DequantConfig(elements_per_program=2048, num_warps=2, lut="gather")
 
 

@@ -47,16 +47,20 @@ class GemvConfig(NamedTuple):
     fp_fusion: bool = False  # x * w + acc as one fma (the launch's enable_fp_fusion)
 
 
-# Configs by shape: the first row with N <= max_n and K <= max_k applies (None: no bound). Best guesses until
-# tools/sweep_nf4.py has run on an H200 -- it prints the rows to paste here. Evidence so far: for the previous
-# kernel 2 rows x 256 words, 4 warps was best at both 1024 x 4096 (10.6 us) and 14336 x 4096 (45 us), and few rows
-# per program mattered for small N (8 rows left the 1024-row k/v projections 128 programs for 132 SMs: 30 us).
-# Small N guess: one row per program and 8 warps reading the whole 4096-long row in one step (16 weights per
-# thread, 48 registers: 5 programs per SM), so each of the 1024 programs of a k/v projection makes a single round
-# trip to memory, in ~1.6 waves, with no second kernel (split-K's sum costs a launch).
+# Configs by shape: the first row with N <= max_n and K <= max_k applies (None: no bound). Measured on an H200,
+# 2026-11-28, `python -m hare.tools.sweep_nf4` (copy 4275 GB/s, launch floor 5.3 us), bf16 x, each vs dequantize +
+# matmul in the same run: k/v 1024 x 4096 8.1-8.3 us vs 14.8 us (1.8x; the sweep's first k_proj baseline, 46.6 us,
+# ran while compiles were still in flight and is not used); q 4096 x 4096 15.5 us vs 27.1 us (1.76x); gate/up
+# 14336 x 4096 38.1 us vs 80.7 us (2.12x); down 4096 x 14336 41.9 us vs 90.0 us (2.15x; the previous default 51.3 us).
 GEMV_CONFIGS = (
-    (2048, None, GemvConfig(block_n=1, block_k=512, num_warps=8, lut="gather", fp_fusion=True)),
-    (None, None, GemvConfig(block_n=2, block_k=256, num_warps=4, lut="gather", fp_fusion=True)),
+    (2048, None, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="load", num_stages=1,
+                            fp_fusion=False)),  # k/v
+    (8192, 8192, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="gather", num_stages=1,
+                            fp_fusion=True)),  # q/o
+    (8192, None, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="gather", num_stages=1,
+                            fp_fusion=False)),  # down
+    (None, None, GemvConfig(block_n=2, block_k=128, num_warps=2, split_k=1, lut="gather", num_stages=1,
+                            fp_fusion=True)),  # gate/up
 )
 # General path (K not a multiple of the blocksize): elements per row per step.
 BLOCK_K_GENERAL = 128
