@@ -168,7 +168,9 @@ class Attention(nn.Module):
         else:
             k_all, v_all, k_pos = cache.store(self.layer_idx, k, v)
             o = cached_attention(q, k_all, v_all, positions, k_pos, self.scale, self.window, self.softcap)
-        return lora.linear(self.o_proj, o.reshape(B, T, self.heads * self.head_dim), need_output)
+        o = o.reshape(B, T, self.heads * self.head_dim)
+        # the module itself when the output is wanted (a 4-bit o_proj decodes one token through the fused GEMV)
+        return self.o_proj(o) if need_output else lora.linear(self.o_proj, o, need_output=False)
 
 
 class MLP(nn.Module):

@@ -1,10 +1,11 @@
 #!/bin/bash
-# One device call per phase (each fits the 10-minute limit): run from the repo root on the GPU machine.
-#   bash tools/gpu_suite.sh T   GPU tests: kernels, quant, engine GPU cases, bf16 model parity
-#   bash tools/gpu_suite.sh K   kernel benchmarks: elementwise (+ torch.compile), cross-entropy, NF4, attention
-#   bash tools/gpu_suite.sh E   end to end: hare vs Unsloth on 8B QLoRA (needs .anchors/ and .whl/site.tar.xz,
-#                               see ../shared/bench-anchors/README.md), then the other workloads as budget allows
-# Carry: .whl (bitsandbytes wheel or site.tar.xz) and .anchors when used. Results land in $OUT.
+# GPU work in few device calls (each fits the 10-minute limit): run from the repo root on the GPU machine.
+#   bash tools/gpu_suite.sh T   GPU tests, one pytest per file so that each prints its own failures
+#   bash tools/gpu_suite.sh K   kernel sweeps and benchmarks: NF4, attention, elementwise (+ torch.compile), CE
+#   bash tools/gpu_suite.sh E   end to end, hare and the anchors in the same call (needs .anchors/ and
+#                               .whl/site.tar.xz, see ../shared/bench-anchors/README.md)
+# Carry: .anchors and .whl/site.tar.xz for E (the bitsandbytes wheel in .whl/ for T's bnb oracle, if wanted).
+# Results land in $OUT. Budget: T ~5 min, K ~6 min, E ~6 min (BENCHMARKS.md has the runs of 2026-11-28).
 set -u
 PHASE=${1:-T}
 OUT=${OUT:-/tmp/hare_out}; mkdir -p "$OUT"
@@ -21,16 +22,30 @@ git log -1 --format='commit %h %ci' 2>/dev/null | tee -a "$OUT/env.txt"
 
 case "$PHASE" in
 T)
-  timeout 560 python3 -m pytest -q -p no:cacheprovider -s tests/kernels tests/quant tests/engine/test_gpu.py \
-    tests/models/test_gpu_parity.py 2>&1 | tee "$OUT/pytest.log" | tail -40 ;;
+  for f in tests/models/test_gpu_families.py tests/models/test_gpu_parity.py tests/engine/test_gpu.py \
+           tests/kernels/test_attention.py tests/kernels/test_cross_entropy.py tests/kernels/test_lora.py \
+           tests/kernels/test_swiglu.py tests/kernels/test_geglu.py tests/kernels/test_rms_norm.py \
+           tests/kernels/test_rope.py tests/quant; do
+    echo "=== $f"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf "$f" 2>&1 | tee -a "$OUT/pytest.log" \
+      | grep -E "passed|failed|^FAILED|Error:" | head -12
+  done ;;
 K)
-  timeout 200 python3 -m hare.tools.bench_kernels --out "$OUT/bench_kernels.json" 2>&1 | tail -30
-  timeout 120 python3 -m hare.tools.bench_cross_entropy --out "$OUT/bench_ce.json" 2>&1 | tail -15
-  timeout 90 python3 -m hare.tools.bench_nf4 --out "$OUT/bench_nf4.json" 2>&1 | tail -25
-  timeout 150 python3 -m hare.tools.bench_attention --out "$OUT/bench_attention.json" 2>&1 | tail -30 ;;
+  timeout 90 python3 -m hare.tools.sweep_nf4 --out "$OUT/sweep_nf4.json" 2>&1 | tail -20
+  timeout 150 python3 -m hare.tools.sweep_attention --out "$OUT/sweep_attention.json" 2>&1 | tail -40
+  timeout 120 python3 -m hare.tools.bench_kernels --tokens 16384 --out "$OUT/bench_kernels.json" 2>&1 | tail -20
+  timeout 100 python3 -m hare.tools.bench_cross_entropy --out "$OUT/bench_ce.json" 2>&1 | tail -12 ;;
 E)
-  [ -f /tmp/ckpt_8b/config.json ] || timeout 200 python3 .anchors/make_ckpt.py 8b /tmp/ckpt_8b
-  timeout 200 python3 -m hare.tools.bench_train --ckpt /tmp/ckpt_8b --quant 4bit --out "$OUT/results.jsonl" --tag E
-  OUT=$OUT bash .anchors/run_anchors.sh X 250 unsloth_4bit 8b
-  python3 .anchors/summarize.py "$OUT/results.jsonl" --md ;;
+  R=$OUT/results.jsonl
+  H() { timeout 120 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing auto|Error"; }
+  [ -f /tmp/ckpt_8b/tokenizer.json ] || timeout 120 python3 .anchors/make_ckpt.py 8b /tmp/ckpt_8b
+  H --ckpt /tmp/ckpt_8b --quant 4bit --gc offload
+  H --ckpt /tmp/ckpt_8b --quant 16bit --gc offload
+  H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36
+  OUT=$OUT bash .anchors/run_anchors.sh X 130 unsloth_4bit 8b | grep -E "RESULT|rc="
+  OUT=$OUT bash .anchors/run_anchors.sh X 130 unsloth_16bit 8b | grep -E "RESULT|rc="
+  [ -f /tmp/ckpt_1b/tokenizer.json ] || timeout 60 python3 .anchors/make_ckpt.py 1b /tmp/ckpt_1b
+  H --ckpt /tmp/ckpt_1b --model 1b --quant 4bit --gc offload
+  OUT=$OUT bash .anchors/run_anchors.sh X 90 unsloth_4bit 1b | grep -E "RESULT|rc="
+  python3 .anchors/summarize.py "$R" --md ;;
 esac
