@@ -58,6 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..quant.linear import linear_nf4
+from ..quant.nf4 import NF4Weight
 from ._dispatch import pick_backend
 from .geglu import geglu, geglu_bwd, geglu_fwd
 from .swiglu import swiglu, swiglu_bwd, swiglu_fwd
@@ -400,6 +402,22 @@ def _has_dropout(m):
     return getattr(m, "lora_A", None) is not None and m.dropout > 0 and m.training
 
 
+def _decoding(x, mods):
+    """Batch-1 decoding of 4-bit projections: one row, no autograd, NF4 bases. These take the fused GEMV
+    (quant/gemv.py: the weight read once at 4 bits, never dequantized whole) instead of the fused functions."""
+    return (x.numel() == x.shape[-1] and not torch.is_grad_enabled()
+            and all(isinstance(m.weight, NF4Weight) and not _has_dropout(m) for m in mods))
+
+
+def _decode_one(m, x):
+    """One 4-bit projection of a single row: GEMV for the base, the adapter (if any) added as in training."""
+    weight, bias, A, B, scale, _ = spec(m)
+    y = linear_nf4(x, weight, bias)
+    if A is None:
+        return y
+    return y.add_(F.linear(F.linear(x, A.to(x.dtype)), B.to(x.dtype)), alpha=scale)
+
+
 def linear(module, x, need_output=True):
     """One projection module applied to x (the forward of engine.lora.LoRALinear); need_output=False: see
     lora_linears (only the fused path uses the hint)."""
@@ -407,6 +425,8 @@ def linear(module, x, need_output=True):
         return module(x)
     if _has_dropout(module):
         return _dropped(module, x)
+    if _decoding(x, [module]):
+        return _decode_one(module, x)
     return lora_linears(x, [spec(module)[:5]], _backend_of([module], x), need_output)[0]
 
 
@@ -416,6 +436,8 @@ def qkv(attn, x):
         return tuple(m(x) for m in mods)
     if any(_has_dropout(m) for m in mods):
         return tuple(linear(m, x) for m in mods)
+    if _decoding(x, mods):
+        return tuple(_decode_one(m, x) for m in mods)
     return lora_linears(x, [spec(m)[:5] for m in mods], _backend_of(mods, x))
 
 
@@ -427,6 +449,9 @@ def mlp(module, x, need_output=True):
     if any(_has_dropout(m) for m in mods):
         h = _act(module.act, linear(mods[0], x), linear(mods[1], x), _backend_of(mods, x))
         return linear(mods[2], h)
+    if _decoding(x, mods):
+        h = _act(module.act, _decode_one(mods[0], x), _decode_one(mods[1], x), _backend_of(mods, x))
+        return _decode_one(mods[2], h)
     return lora_mlp(x, *[spec(m)[:5] for m in mods], act=module.act, backend=_backend_of(mods, x),
                     need_output=need_output)
 

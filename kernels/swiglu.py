@@ -145,12 +145,12 @@ def _check(gate, up):
         raise ValueError(f"gate must be a floating tensor with at least one dim, got {gate.dtype} {tuple(gate.shape)}")
 
 
-def _launch(m, n, block=None, num_warps=None, folded=False):
+def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None):
     """grid and tile for (m, n) rows: `block` elements per program (short rows share a program); the arguments
-    override BLOCK and NUM_WARPS (tools/bench_kernels.py --sweep). With folded adapters the tile is FOLD_TILE:
-    tl.dot needs >= 16 rows and columns."""
+    override BLOCK and NUM_WARPS (tools/bench_kernels.py --sweep). With folded adapters the tile is FOLD_TILE
+    (or `fold_tile`): tl.dot needs >= 16 rows and columns."""
     if folded:
-        block_m, block_n = FOLD_TILE
+        block_m, block_n = fold_tile or FOLD_TILE
         num_warps = num_warps or FOLD_WARPS
     else:
         block = block or BLOCK
@@ -161,7 +161,10 @@ def _launch(m, n, block=None, num_warps=None, folded=False):
 
 
 # Tile when adapters are folded in (rows x columns, warps): 4096 elements as the plain kernel's 4 tiles; the
-# low-rank product is a (32 x 16) @ (16 x 128) tl.dot per tile, negligible next to the memory traffic.
+# low-rank product is a (32 x 16) @ (16 x 128) tl.dot per tile. Measured in a Llama-3.1-8B QLoRA step (H200,
+# BENCHMARKS.md run E3): fwd 0.29 ms and in-place bwd 0.59 ms at 8192 x 14336, against 0.17 / 0.36 ms for the
+# unfolded kernels, i.e. ~55% of copy; not yet swept (`python -m hare.tools.bench_kernels --sweep --only swiglu`
+# times the tiles below), the dot's result layout converting through shared memory being the suspect.
 FOLD_TILE = (32, 128)
 FOLD_WARPS = 4
 
@@ -189,7 +192,7 @@ def fold_args(fold, ref):
     return args, meta
 
 
-def swiglu_fwd(gate, up, block=None, num_warps=None, fold=None):
+def swiglu_fwd(gate, up, block=None, num_warps=None, fold=None, fold_tile=None):
     """silu(gate) * up; fold: adapters added to gate and up inside the kernel (see fold_args)."""
     n = gate.shape[-1]
     g2, u2 = _rows(gate, n), _rows(up, n)
@@ -197,13 +200,13 @@ def swiglu_fwd(gate, up, block=None, num_warps=None, fold=None):
     y2 = y.view(-1, n)
     if y.numel():
         lora_args, meta = fold_args(fold, g2)
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile)
         _swiglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0),
                                  *lora_args, INTERPRET=interpreting(y), **meta, **cfg)
     return y
 
 
-def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=None):
+def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=None, fold_tile=None):
     """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy): each element is read before
     it is written by the same thread, so no extra (tokens x intermediate) buffer is needed, and h = silu(g) up
     (the forward's output) comes out of the same pass. The inputs are consumed: the fused MLP's backward uses
@@ -219,7 +222,7 @@ def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=Non
         h2 = dg2  # not written
     if dg2.numel():
         lora_args, meta = fold_args(fold, g2)
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile)
         _swiglu_bwd_kernel[grid](
             dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
             dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),

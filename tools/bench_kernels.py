@@ -407,6 +407,17 @@ def _sweep_glu(ctx, sw, name, fwd, bwd):
 def sweep_swiglu(ctx, sw):
     S = importlib.import_module("hare.kernels.swiglu")
     _sweep_glu(ctx, sw, "swiglu", S.swiglu_fwd, S.swiglu_bwd)
+    # gate/up adapters folded in (kernels/lora.py's MLP): rank 16, the backward in place as the MLP runs it
+    i, tokens, r = ctx.shape["intermediate"], max(ctx.tokens), 16
+    g, u, dy = ctx.randn(tokens, i, scale=2.0), ctx.randn(tokens, i), ctx.randn(tokens, i)
+    fold = (ctx.randn(tokens, r), ctx.randn(i, r, scale=0.1), 1.0, ctx.randn(tokens, r), ctx.randn(i, r, scale=0.1), 1.0)
+    for tile in ((16, 256), (32, 128), (32, 256), (64, 64), (64, 128)):
+        for nw in (4, 8):
+            cfg = f"fold tile={tile[0]}x{tile[1]} num_warps={nw}"
+            sw.add("swiglu folded fwd", tokens, cfg, 3 * tokens * i * BF16,
+                   lambda: S.swiglu_fwd(g, u, num_warps=nw, fold=fold, fold_tile=tile))
+            sw.add("swiglu folded bwd (in place)", tokens, cfg, 6 * tokens * i * BF16,
+                   lambda: S.swiglu_bwd(dy, g, u, num_warps=nw, inplace=True, fold=fold, fold_tile=tile))
 
 
 def sweep_geglu(ctx, sw):

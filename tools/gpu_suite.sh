@@ -31,6 +31,7 @@ T)
       | grep -E "passed|failed|^FAILED|Error:" | head -12
   done ;;
 K)
+  timeout 90 python3 -m hare.tools.bench_kernels --sweep --only swiglu --out "$OUT/sweep_swiglu.json" 2>&1 | tail -24
   timeout 90 python3 -m hare.tools.sweep_nf4 --out "$OUT/sweep_nf4.json" 2>&1 | tail -20
   timeout 150 python3 -m hare.tools.sweep_attention --out "$OUT/sweep_attention.json" 2>&1 | tail -40
   timeout 120 python3 -m hare.tools.bench_kernels --tokens 16384 --out "$OUT/bench_kernels.json" 2>&1 | tail -20

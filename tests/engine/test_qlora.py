@@ -96,3 +96,21 @@ def test_4bit_merge_is_dequantized_plus_sBA(tiny_llama):
         assert torch.equal(q.get_submodule(p).weight, w)
     with torch.no_grad():
         assert (q(ids).logits - adapted).abs().max() < 1e-5
+
+
+def test_batch1_decoding_through_the_gemv_matches_the_training_path(tiny_llama):
+    """One token at a time without autograd (generation), a 4-bit model with adapters runs its projections
+    through the fused 4-bit GEMV (kernels/lora.py _decoding); its logits equal those of the batched path (the
+    fused functions, dequantizing whole weights) up to the order of the fp32 sums."""
+    q = apply_lora(quantize_layers(load_model(tiny_llama)), r=4, alpha=8, seed=0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, m in lora_modules(q):
+            m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
+    ids = torch.randint(0, 272, (1, 1), generator=g)
+    with torch.no_grad():
+        decoded = q(ids).logits
+    with torch.enable_grad():
+        batched = q(ids).logits.detach()
+    assert not torch.equal(decoded, torch.zeros_like(decoded))
+    assert torch.allclose(decoded, batched, rtol=1e-5, atol=1e-5 * batched.abs().max().item())
