@@ -29,18 +29,9 @@ from ._triton import cast
 # per thread, 16-byte bf16 loads). Measured (H200, 8192-16384 x 14336 bf16, tanh): forward and backward
 # 4.0-4.1 TB/s = 96-98% of the 4.2 TB/s copy.
 from .swiglu import _check as _check_pair
-from .swiglu import _launch, _rows, fold_args, load_gate_up
+from .swiglu import _launch, _rows, _sigmoid_pair, bwd_buffers, fold_args, load_gate_up
 
 APPROXIMATIONS = ("tanh", "none")
-
-
-@triton.jit
-def _sigmoid_pair(x):
-    """fp32 (sigmoid(x), 1 - sigmoid(x)), both with full relative accuracy, no overflow."""
-    t = tl.exp(-tl.abs(x))
-    r = 1.0 / (1.0 + t)
-    pos = x >= 0
-    return tl.where(pos, r, t * r), tl.where(pos, t * r, r)
 
 
 @triton.jit
@@ -143,14 +134,8 @@ def geglu_fwd(gate, up, approximate, block=None, num_warps=None, fold=None):
 def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None, inplace=False, fold=None):
     """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy), h = gelu(g) up; fold: see
     swiglu_bwd."""
-    n = gate.shape[-1]
-    dy2, g2, u2 = _rows(dy, n), _rows(gate, n), _rows(up, n)
-    if inplace:
-        dg2, du2, h2 = g2, u2, dy2
-    else:
-        dg2 = torch.empty((g2.shape[0], n), dtype=gate.dtype, device=gate.device)
-        du2 = torch.empty((u2.shape[0], n), dtype=up.dtype, device=up.device)
-        h2 = dg2  # not written
+    dy2, g2, u2, dg2, du2, h2 = bwd_buffers(dy, gate, up, inplace)
+    n = g2.shape[1]
     if dg2.numel():
         lora_args, meta = fold_args(fold, g2)
         grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)

@@ -192,6 +192,18 @@ def fold_args(fold, ref):
     return args, meta
 
 
+def bwd_buffers(dy, gate, up, inplace):
+    """2-D views of (dy, gate, up) and the outputs (dg, du, h) of a gated activation's backward: new buffers, or
+    with inplace the inputs themselves (h over dy; not written without inplace)."""
+    n = gate.shape[-1]
+    dy2, g2, u2 = _rows(dy, n), _rows(gate, n), _rows(up, n)
+    if inplace:
+        return dy2, g2, u2, g2, u2, dy2
+    dg2 = torch.empty((g2.shape[0], n), dtype=gate.dtype, device=gate.device)
+    du2 = torch.empty((u2.shape[0], n), dtype=up.dtype, device=up.device)
+    return dy2, g2, u2, dg2, du2, dg2
+
+
 def swiglu_fwd(gate, up, block=None, num_warps=None, fold=None, fold_tile=None):
     """silu(gate) * up; fold: adapters added to gate and up inside the kernel (see fold_args)."""
     n = gate.shape[-1]
@@ -212,14 +224,8 @@ def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=Non
     (the forward's output) comes out of the same pass. The inputs are consumed: the fused MLP's backward uses
     this (kernels/lora.py), where gate, up and dy are its own temporaries. fold: as in swiglu_fwd (gate and
     up are then the base outputs; the gradients are those of the full gate and up)."""
-    n = gate.shape[-1]
-    dy2, g2, u2 = _rows(dy, n), _rows(gate, n), _rows(up, n)
-    if inplace:
-        dg2, du2, h2 = g2, u2, dy2
-    else:
-        dg2 = torch.empty((g2.shape[0], n), dtype=gate.dtype, device=gate.device)
-        du2 = torch.empty((u2.shape[0], n), dtype=up.dtype, device=up.device)
-        h2 = dg2  # not written
+    dy2, g2, u2, dg2, du2, h2 = bwd_buffers(dy, gate, up, inplace)
+    n = g2.shape[1]
     if dg2.numel():
         lora_args, meta = fold_args(fold, g2)
         grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile)
