@@ -37,7 +37,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..models.errors import CheckpointError
-from .lora import ALL_PROJECTIONS, LoRAConfig, apply_lora, lora_modules
+from .lora import (ALL_PROJECTIONS, LoRAConfig, _fused_groups, apply_lora, lora_modules, lora_scale,
+                   trainable_parameters)
 
 PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
@@ -116,27 +117,8 @@ def _modules_to_save(cfg: LoRAConfig):
     return names or None
 
 
-def _fused_groups(model) -> list:
-    """The family's SPLITS as module suffixes: [(fused, (part, ...))], e.g. ("self_attn.qkv_proj",
-    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")); [] for families without fused modules."""
-    from ..models.registry import family_for
-
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return []
-
-    def module(key):
-        return key[:-len(".weight")] if key.endswith(".weight") else key
-
-    return [(module(f), tuple(module(p) for p in parts)) for f, parts in family_for(cfg.model_type).SPLITS.items()]
-
-
 def _short(suffix):
     return suffix.rpartition(".")[2]
-
-
-def _scale(alpha, r, rslora):
-    return alpha / math.sqrt(r) if rslora else alpha / r
 
 
 def _fused_alpha(alpha, n, rslora):
@@ -377,7 +359,7 @@ def _hare_config(model, cfg, rank_pattern, alpha_pattern, tensors, where) -> LoR
     if not fused:
         return cfg
     # every module must have the same scale: hare has one
-    scales = {t: _scale(alpha_pattern.get(t, cfg.alpha), rank_pattern.get(t, cfg.r), cfg.rslora) for t in fused}
+    scales = {t: lora_scale(alpha_pattern.get(t, cfg.alpha), rank_pattern.get(t, cfg.r), cfg.rslora) for t in fused}
     if len(fused) < len(cfg.targets):
         scales = dict(scales, **{t: cfg.scale for t in cfg.targets if t not in groups})
     s = next(iter(scales.values()))
@@ -498,7 +480,7 @@ def save_checkpoint(output_dir, model, optimizer, state: dict, keep: int = None,
     tmp = os.path.join(root, f".{name}.tmp-{os.getpid()}")
     os.makedirs(tmp)
     save_adapter(model, tmp, base_model_name_or_path)
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = list(trainable_parameters(model))
     _write_tensors(os.path.join(tmp, "optimizer.safetensors"), _optimizer_tensors(optimizer))
     _write_tensors(os.path.join(tmp, "rng.safetensors"), _rng_tensors())
     _write_json(os.path.join(tmp, "trainer_state.json"), {**state, "trainable_parameters": names})
@@ -547,7 +529,7 @@ def load_checkpoint(path, model, optimizer) -> dict:
     """Restore adapters, optimizer state and RNG states from a checkpoint directory; returns its trainer state
     (step, data position, ...). The model must already carry the same adapters (apply_lora)."""
     state = _read_json(os.path.join(path, "trainer_state.json"))
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    names = list(trainable_parameters(model))
     if state.get("trainable_parameters") != names:
         raise CheckpointError(f"{path}: the checkpoint's trainable parameters differ from the model's "
                               f"({len(state.get('trainable_parameters') or [])} vs {len(names)})")

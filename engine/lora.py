@@ -29,6 +29,11 @@ ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
+def lora_scale(alpha, r, rslora=False) -> float:
+    """s = alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023, arXiv:2312.03732)."""
+    return alpha / math.sqrt(r) if rslora else alpha / r
+
+
 @dataclass
 class LoRAConfig:
     r: int = 16                      # rank of A and B
@@ -54,7 +59,7 @@ class LoRAConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+        return lora_scale(self.alpha, self.r, self.rslora)
 
 
 class LoRALinear(nn.Module):
@@ -147,7 +152,7 @@ def apply_lora(model: nn.Module, config: Optional[LoRAConfig] = None, backend=No
     if missing:
         names = sorted({p.rpartition(".")[2] for p, m in model.named_modules()
                         if _is_projection(m) and ".lora_" not in p} - {"lm_head"})
-        fused = _fused_names(model)
+        fused = {f.rpartition(".")[2]: [p.rpartition(".")[2] for p in parts] for f, parts in _fused_groups(model)}
         hint = [f"{t} is split by this family into {', '.join(fused[t])}" for t in missing if t in fused]
         raise ValueError(f"targets {missing} match no projection of the model; projections are {names}"
                          + (f" ({'; '.join(hint)})" if hint else ""))
@@ -174,18 +179,19 @@ def apply_lora(model: nn.Module, config: Optional[LoRAConfig] = None, backend=No
     return model
 
 
-def _fused_names(model) -> dict:
-    """Fused checkpoint module names of the model's family -> the modules hare splits them into
-    (e.g. Phi-3: qkv_proj -> q_proj, k_proj, v_proj), from the family's SPLITS table."""
+def _fused_groups(model) -> list:
+    """The family's SPLITS as module suffixes: [(fused, (part, ...))], e.g. ("self_attn.qkv_proj",
+    ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")); [] for families without fused modules."""
     from ..models.registry import family_for
 
     cfg = getattr(model, "config", None)
     if cfg is None:
-        return {}
-    out = {}
-    for fused, parts in family_for(cfg.model_type).SPLITS.items():
-        out[fused.rpartition(".")[0].rpartition(".")[2]] = [p.rpartition(".")[0].rpartition(".")[2] for p in parts]
-    return out
+        return []
+
+    def module(key):
+        return key[:-len(".weight")] if key.endswith(".weight") else key
+
+    return [(module(f), tuple(module(p) for p in parts)) for f, parts in family_for(cfg.model_type).SPLITS.items()]
 
 
 def lora_modules(model: nn.Module):

@@ -133,14 +133,15 @@ def evaluate(model, batches, device) -> float:
     """Mean loss over every target token of `batches`."""
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
+    total = count = 0  # device tensors after the first batch: one host sync at the end, not two per batch
     for b in batches:
         b = _to(b, device)
         out = model(b["input_ids"], labels=b["labels"], position_ids=b.get("position_ids"), doc_ids=b.get("doc_ids"))
-        total += out.loss_sum.item()
-        count += out.n_tokens.item()
+        total, count = total + out.loss_sum.double(), count + out.n_tokens
     model.train(was_training)
-    return total / max(count, 1)
+    if not batches:
+        return 0.0
+    return total.item() / max(count.item(), 1)
 
 
 def _peak_memory_gb(device) -> float:
@@ -268,11 +269,12 @@ def train(model, tokenizer, data, config: Optional[TrainConfig] = None, eval_dat
         optimizer.zero_grad(set_to_none=True)
         step += 1
 
-        loss = loss_sum.item() / max(n_total, 1)
+        loss_sum, grad_norm = torch.stack([loss_sum, grad_norm.float()]).tolist()  # the step's one host sync
+        loss = loss_sum / max(n_total, 1)
         losses.append(loss)
         n_tok = sum(b["input_ids"].numel() for b in micro)
         tokens_seen += n_tok
-        m = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": float(grad_norm),
+        m = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm,
              "tokens": n_tok, "target_tokens": n_total, "tokens_per_s": n_tok / max(time.time() - t0, 1e-9),
              "peak_mem_gb": _peak_memory_gb(device)}
         if eval_batches and cfg.eval_every and step % cfg.eval_every == 0 and step < max_steps:

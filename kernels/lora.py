@@ -144,14 +144,17 @@ def _compute_dtype(ab, dt):
     return [None if t is None else t.to(dt) for t in ab]
 
 
+def _base(x2, weight, bias, A):
+    """The base output x W^T + b and the (tokens, r) product x A^T (None without an adapter); A is already in
+    x2's dtype (_compute_dtype)."""
+    y = F.linear(x2, dense(weight, x2.dtype), bias)  # a dequantized W is a temporary, freed on return
+    return y, None if A is None else x2 @ A.t()
+
+
 def _forward_one(x2, weight, bias, A, B, s):
     """(tokens, out) output and the (tokens, r) product x A^T (None without an adapter)."""
-    dt = x2.dtype
-    y = F.linear(x2, dense(weight, dt), bias)  # a dequantized W is a temporary, freed on return
-    if A is None:
-        return y, None
-    xa = x2 @ A.to(dt).t()
-    return y.addmm_(xa, B.to(dt).t(), alpha=s), xa
+    y, xa = _base(x2, weight, bias, A)
+    return (y, None) if A is None else (y.addmm_(xa, B.t(), alpha=s), xa)
 
 
 def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab, ab_dtypes):
@@ -173,9 +176,9 @@ def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab, ab_dty
             del W  # a dequantized weight dies here, before the next one is made
         if A is None:
             continue
-        dyb = dy @ B.to(dt)  # (tokens, r)
+        dyb = dy @ B  # (tokens, r)
         if need_dx:
-            dx.addmm_(dyb, A.to(dt), alpha=s)
+            dx.addmm_(dyb, A, alpha=s)
         if need_ab[2 * i]:
             grads[2 * i] = (dyb.t() @ x2).mul_(s).to(ab_dtypes[2 * i])
         if need_ab[2 * i + 1]:
@@ -203,7 +206,7 @@ class LoRALinearsFunction(torch.autograd.Function):
                 y, xa = _forward_one(x2, w, b, ab[2 * i], ab[2 * i + 1], s)
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             else:
-                xa = None if ab[2 * i] is None else x2 @ ab[2 * i].t()
+                xa = None if ab[2 * i] is None else x2 @ ab[2 * i].t()  # _base's product without its GEMM
                 outs.append(x2.new_empty(1).expand(*x.shape[:-1], w.shape[0]))
             xas.append(xa)
         ctx.weights, ctx.scales, ctx.x_shape = weights, scales, x.shape
@@ -234,18 +237,16 @@ def _act_bwd_inplace(act, dh, g, u, fold=None):
     return geglu_bwd(dh, g, u, _approximate(act), inplace=True, fold=fold)
 
 
-def _gate_up_fold(x2, ab, scales):
+def _gate_up_fold(x2, ab):
     """Whether gate's and up's adapter terms go into the activation kernel (kernels/swiglu.py fold_args) instead
     of a GEMM pass adding s (x A^T) B^T to each (tokens x intermediate) output: tl.dot dtypes, one shared rank."""
     ranks = {A.shape[0] for A in (ab[0], ab[2]) if A is not None}
     return x2.dtype in (torch.float16, torch.bfloat16, torch.float32) and len(ranks) == 1
 
 
-def _fold(ab, xa_g, xa_u, scales, dt):
+def _fold(ab, xa_g, xa_u, scales):
     """The activation kernels' fold tuple (xa_g, B_g, s_g, xa_u, B_u, s_u), None for a side without adapter."""
-    B_g, B_u = ab[1], ab[3]
-    return (xa_g, None if B_g is None else B_g.to(dt), scales[0], xa_u, None if B_u is None else B_u.to(dt),
-            scales[1])
+    return xa_g, ab[1], scales[0], xa_u, ab[3], scales[1]
 
 
 class LoRAMLPFunction(torch.autograd.Function):
@@ -267,13 +268,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         ctx.ab_dtypes = [None if t is None else t.dtype for t in ab]
         ab = _compute_dtype(ab, dt)
         fold = None
-        if _gate_up_fold(x2, ab, scales):
+        if _gate_up_fold(x2, ab):
             # g and u stay the base outputs; the activation kernels add their adapter terms (saved that way too)
-            g = F.linear(x2, dense(weights[0], dt), biases[0])
-            u = F.linear(x2, dense(weights[1], dt), biases[1])
-            xa_g = None if ab[0] is None else x2 @ ab[0].to(dt).t()
-            xa_u = None if ab[2] is None else x2 @ ab[2].to(dt).t()
-            fold = _fold(ab, xa_g, xa_u, scales, dt)
+            g, xa_g = _base(x2, weights[0], biases[0], ab[0])
+            u, xa_u = _base(x2, weights[1], biases[1], ab[2])
+            fold = _fold(ab, xa_g, xa_u, scales)
         else:
             g, xa_g = _forward_one(x2, weights[0], biases[0], ab[0], ab[1], scales[0])
             u, xa_u = _forward_one(x2, weights[1], biases[1], ab[2], ab[3], scales[1])
@@ -307,10 +306,10 @@ class LoRAMLPFunction(torch.autograd.Function):
         dh = dy2 @ W
         del W
         if A_d is not None:
-            dyb = dy2 @ B_d.to(dt)
-            dh.addmm_(dyb, A_d.to(dt), alpha=s_d)
+            dyb = dy2 @ B_d
+            dh.addmm_(dyb, A_d, alpha=s_d)
         # the activation's backward, with h (down's input, needed by its adapter) from the same pass
-        fold = _fold(ab, xa_g, xa_u, ctx.scales, dt) if ctx.folded else None
+        fold = _fold(ab, xa_g, xa_u, ctx.scales) if ctx.folded else None
         dg, du, h = _act_bwd_inplace(ctx.act, dh, g, u, fold)
         del g, u, dh
         dA_d = dB_d = None
@@ -320,7 +319,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 dA_d = (dyb.t() @ h).mul_(s_d).to(ctx.ab_dtypes[4])
             if need[11]:
                 if ha_d is None:
-                    ha_d = h @ A_d.to(dt).t()
+                    ha_d = h @ A_d.t()
                 dB_d = (dy2.t() @ ha_d).mul_(s_d).to(ctx.ab_dtypes[5])
         del h
         dx, grads = _backward_shared(x2, [dg, du], ctx.weights[:2], ab[:4], [xa_g, xa_u], ctx.scales[:2],

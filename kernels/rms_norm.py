@@ -19,6 +19,8 @@ In the residual variant h feeds both y and the caller, so dx = dresidual = dh + 
 dw is reduced over rows in two stages: each backward program sums its rows into one fp32 row of a
 (programs, N) buffer, and a small kernel sums those rows in a fixed order (deterministic, no atomics).
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -260,6 +262,12 @@ def rms_norm_fwd(x, weight, eps, offset, casting, residual=None, tile=None, num_
     return y, h, rstd
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index):
+    """SMs of CUDA device `index` (None: the current one), asked once, not on every backward."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
+
+
 def _bwd_config(x, dy, dh, compute_dw, rows, num_warps, stages, programs):
     """(BLOCK_M, BLOCK_N, num_warps, stages, programs) of the backward; arguments not None override the defaults
     (tools/bench_kernels.py --sweep). Programs may exceed the row tiles: the launcher clamps them."""
@@ -283,8 +291,8 @@ def _bwd_config(x, dy, dh, compute_dw, rows, num_warps, stages, programs):
         per_stage = tile * (x.element_size() + dy.element_size() + (dh.element_size() if dh is not None else 0))
         stages = max(1, min(BWD_DW_STAGES, 1 + BWD_DW_SMEM // per_stage))
     if programs is None:
-        programs = ((torch.cuda.get_device_properties(x.device).multi_processor_count
-                     * max(1, BWD_DW_ELEMENTS_PER_SM // tile)) if x.is_cuda else BWD_PROGRAMS_CPU)
+        programs = (_sm_count(x.device.index) * max(1, BWD_DW_ELEMENTS_PER_SM // tile)
+                    if x.is_cuda else BWD_PROGRAMS_CPU)
     return block_m, block_n, warps, stages, programs
 
 
@@ -342,8 +350,12 @@ class RMSNormFunction(torch.autograd.Function):
 
 class RMSNormResidualFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, eps, offset, casting):
-        y, h, rstd = rms_norm_fwd(x, weight, eps, offset, casting, residual=residual)
+    def forward(ctx, x, residual, weight, eps, offset, casting, total=None):
+        if total is None:
+            y, h, rstd = rms_norm_fwd(x, weight, eps, offset, casting, residual=residual)
+        else:  # the sum is known: normalize it, x and residual are not read (see rms_norm_residual)
+            y, _, rstd = rms_norm_fwd(total, weight, eps, offset, casting)
+            h = total.view_as(total)
         ctx.save_for_backward(h, weight, rstd)
         ctx.offset, ctx.casting = offset, casting
         ctx.set_materialize_grads(False)  # an unused h (or y) arrives as None: skip reading zeros
@@ -358,7 +370,7 @@ class RMSNormResidualFunction(torch.autograd.Function):
         else:
             dx, dw = rms_norm_bwd(dy, dh, h, weight, rstd, ctx.offset, ctx.casting, ctx.needs_input_grad[2])
         # h = x + residual: both inputs receive the same gradient (as torch's own add backward returns it twice)
-        return dx, dx, dw, None, None, None
+        return dx, dx, dw, None, None, None, None
 
 
 def rms_norm_ref(x, weight, eps, offset=0.0, casting="llama"):
@@ -373,8 +385,21 @@ def rms_norm_ref(x, weight, eps, offset=0.0, casting="llama"):
     raise ValueError(f"casting must be 'llama' or 'gemma', got {casting!r}")
 
 
-def rms_norm_residual_ref(x, residual, weight, eps, offset=0.0, casting="llama"):
-    h = x + residual
+class KnownSum(torch.autograd.Function):
+    """apply(x, residual, total) = total, with the gradient of x + residual: the sum's value is known, its
+    inputs' values are not read."""
+
+    @staticmethod
+    def forward(ctx, x, residual, total):
+        return total.view_as(total)
+
+    @staticmethod
+    def backward(ctx, d):
+        return d, d, None
+
+
+def rms_norm_residual_ref(x, residual, weight, eps, offset=0.0, casting="llama", total=None):
+    h = x + residual if total is None else KnownSum.apply(x, residual, total)
     return rms_norm_ref(h, weight, eps, offset, casting), h
 
 
@@ -385,9 +410,12 @@ def rms_norm(x, weight, eps, offset=0.0, casting="llama", backend=None):
     return RMSNormFunction.apply(x, weight, eps, offset, casting)
 
 
-def rms_norm_residual(x, residual, weight, eps, offset=0.0, casting="llama", backend=None):
-    """Returns (y, h): h = x + residual (the new residual stream), y = rms_norm(h)."""
+def rms_norm_residual(x, residual, weight, eps, offset=0.0, casting="llama", backend=None, total=None):
+    """Returns (y, h): h = x + residual (the new residual stream), y = rms_norm(h).
+    total: the value of x + residual when it is already known (checkpoint recomputation with the sum saved,
+    models/decoder.py DecoderLayer.recompute): it is normalized and returned as h, and the values of x and
+    residual are not read (they may be uninitialised); the gradients are those of the sum, computed as without."""
     if pick_backend(backend, x) == "ref":
-        return rms_norm_residual_ref(x, residual, weight, eps, offset, casting)
+        return rms_norm_residual_ref(x, residual, weight, eps, offset, casting, total)
     _check(x, weight, casting, residual)
-    return RMSNormResidualFunction.apply(x, residual, weight, eps, offset, casting)
+    return RMSNormResidualFunction.apply(x, residual, weight, eps, offset, casting, total)

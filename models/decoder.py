@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .. import kernels
 from ..kernels import lora
 from .config import ModelConfig
-from .rope import rope_inv_freq, rope_tables
+from .rope import rope_select, rope_static, rope_tables
 
 
 @dataclass
@@ -42,9 +42,11 @@ class RMSNorm(nn.Module):
     def forward(self, x):
         return kernels.rms_norm(x, self.weight, self.eps, self.offset, self.casting)
 
-    def residual(self, x, residual):
-        """(rms_norm(x + residual), x + residual) in one pass (the residual stream is not re-read to normalize)."""
-        return kernels.rms_norm_residual(x, residual, self.weight, self.eps, self.offset, self.casting)
+    def residual(self, x, residual, total=None):
+        """(rms_norm(x + residual), x + residual) in one pass (the residual stream is not re-read to normalize);
+        total: the sum's value when already known (kernels.rms_norm_residual)."""
+        return kernels.rms_norm_residual(x, residual, self.weight, self.eps, self.offset, self.casting,
+                                         total=total)
 
 
 def _norm(cfg: ModelConfig, dim=None):
@@ -213,32 +215,14 @@ class DecoderLayer(nn.Module):
         """Checkpoint recomputation (engine/offload.py): the branches whose sum is x', as an autograd graph whose
         values are not all computed, since only the vjp is wanted and the vjp of a sum hands x's gradient to
         every branch unchanged. The MLP branch skips down_proj's GEMM (its value is never read); given the saved
-        mid residual h, the attention branch skips o_proj's GEMM too, and h carries the gradient of x + a
-        (KnownSum) without being recomputed. With sandwich norms the MLP output feeds a norm, whose backward needs
+        mid residual h, the attention branch skips o_proj's GEMM too, and the fused residual norm takes h as the
+        known sum (its backward is the same). With sandwich norms the MLP output feeds a norm, whose backward needs
         its value: one branch, the full layer."""
         if self.sandwich:
             return (self(x, rope, docs),)
-        if h is None:
-            a = self.self_attn(self.input_layernorm(x), rope, docs)
-            n, h = self.post_attention_layernorm.residual(a, x)
-        else:
-            a = self.self_attn(self.input_layernorm(x), rope, docs, need_output=False)
-            h = KnownSum.apply(x, a, h)
-            n = self.post_attention_layernorm(h)
+        a = self.self_attn(self.input_layernorm(x), rope, docs, need_output=h is None)
+        n, h = self.post_attention_layernorm.residual(a, x, total=h)
         return h, self.mlp(n, need_output=False)
-
-
-class KnownSum(torch.autograd.Function):
-    """apply(x, a, total) = total, with the gradient of x + a: the sum's value is known (saved), its inputs'
-    values need not be (a may be uninitialised: see DecoderLayer.recompute)."""
-
-    @staticmethod
-    def forward(ctx, x, a, total):
-        return total.view_as(total)
-
-    @staticmethod
-    def backward(ctx, d):
-        return d, d, None
 
 
 class Model(nn.Module):
@@ -264,6 +248,7 @@ class CausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = Model(cfg)
+        self._rope_static = {}  # (rope kind, device) -> models.rope.rope_static's tables, fp32, made on first use
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -275,13 +260,17 @@ class CausalLM(nn.Module):
         """cos/sin for the given positions: (cos, sin, index) per rope kind, as kernels.apply_rope takes them."""
         cfg = self.config
         B, T = positions.shape
+        index = torch.arange(B * T, device=device).view(B, T)
         out = {}
         for name, spec in (("global", cfg.rope), ("local", cfg.rope_local)):
             if spec is None:
                 continue
-            inv_freq, scaling = rope_inv_freq(spec, cfg.head_dim, cfg.max_position_embeddings, positions, device)
+            key = (name, torch.device(device))
+            if key not in self._rope_static:  # the position-independent frequencies, once per device
+                self._rope_static[key] = rope_static(spec, cfg.head_dim, cfg.max_position_embeddings, device)
+            tables, scaling = self._rope_static[key]
+            inv_freq = rope_select(spec, tables, cfg.head_dim, cfg.max_position_embeddings, positions)
             cos, sin = rope_tables(inv_freq, scaling, positions)
-            index = torch.arange(B * T, device=device).view(B, T)
             out[name] = (cos, sin, index)
         return out
 

@@ -39,6 +39,7 @@ from typing import Optional
 import torch
 
 from .errors import CheckpointError, ConfigError, TokenizerError, UnsupportedModelError
+from .rope import rope_static, rotary_dim
 
 OUTPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Tensor types this converter reads. gguf can dequantize more (IQ*, Q2_K, ...); those are refused rather than
@@ -332,21 +333,14 @@ def _hf_name(arch: Architecture, gguf_name: str):
 
 # ------------------------------------------------------------------------------------------------- config
 
-def _llama3_factors(factor, low, high, original, inv_freq):
-    """llama.cpp's rope_freqs for Llama 3.1 scaling (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors;
-    the same rule as HF's _compute_llama3_parameters): 1 for wavelengths below original/high, `factor` above
-    original/low, and in between 1 / ((1 - s) / factor + s) with s = (original / wavelength - low) / (high - low)."""
-    wavelen = 2 * math.pi / inv_freq
-    out = torch.empty_like(inv_freq)
-    for i, w in enumerate(wavelen.tolist()):
-        if w < original / high:
-            out[i] = 1.0
-        elif w > original / low:
-            out[i] = factor
-        else:
-            s = (original / w - low) / (high - low)
-            out[i] = 1.0 / ((1 - s) / factor + s)
-    return out
+def _llama3_factors(factor, low, high, original, theta, head_dim):
+    """llama.cpp's rope_freqs for Llama 3.1 scaling (convert_hf_to_gguf.py, LlamaModel.generate_extra_tensors):
+    the divisor the llama3 rule applies to each base frequency, i.e. base / llama3 from models/rope.py."""
+    spec = {"rope_type": "llama3", "rope_theta": theta, "factor": factor, "low_freq_factor": low,
+            "high_freq_factor": high, "original_max_position_embeddings": original}
+    base, _ = rope_static({**spec, "rope_type": "default"}, head_dim, 0)
+    scaled, _ = rope_static(spec, head_dim, 0)
+    return (base / scaled).double()
 
 
 def _rope_scaling_from_freqs(path, freqs: torch.Tensor, theta: float, head_dim: int, original) -> dict | None:
@@ -375,7 +369,7 @@ def _rope_scaling_from_freqs(path, freqs: torch.Tensor, theta: float, head_dim: 
         candidates.append((round(float(intercept), 3), round(float(intercept + slope), 3)))
     for low, high in candidates:
         if high > low > 0:
-            expected = _llama3_factors(factor, low, high, original, inv_freq)
+            expected = _llama3_factors(factor, low, high, original, theta, head_dim)
             if torch.allclose(expected, freqs, rtol=1e-4, atol=0):
                 return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
                         "high_freq_factor": high, "original_max_position_embeddings": int(original)}
@@ -429,7 +423,7 @@ def _rope_scaling(path, key, metadata: dict, tensors: dict, config: dict) -> Opt
     if any(longrope):
         if not all(longrope):
             raise CheckpointError(f"{path}: rope_factors_long.weight and rope_factors_short.weight come in pairs")
-        rotary = round(config["head_dim"] * config.get("partial_rotary_factor", 1.0))
+        rotary = rotary_dim(config, config["head_dim"])  # the loader's rule
         scaling = {"rope_type": "longrope"}
         for name in ("long", "short"):
             values = _dequantize(tensors[f"rope_factors_{name}.weight"], path).flatten()
@@ -484,7 +478,10 @@ def _build_config(path, arch_name, arch: Architecture, metadata: dict, tensors: 
         if not 0 < rotary < config["head_dim"] or rotary % 2:
             raise CheckpointError(f"{path}: {key('rope.dimension_count')} {rotary} does not fit head_dim "
                                   f"{config['head_dim']}")
-        config["partial_rotary_factor"] = rotary / config["head_dim"]
+        factor = rotary / config["head_dim"]
+        if rotary_dim({"partial_rotary_factor": factor}, config["head_dim"]) != rotary:
+            factor = math.nextafter(factor, math.inf)  # int(head_dim * factor) read it one lower, e.g. 30 / 44
+        config["partial_rotary_factor"] = factor
 
     embed = tensors.get("token_embd.weight")
     if embed is None:

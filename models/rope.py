@@ -64,9 +64,10 @@ def _yarn(rope, base, dim, max_position_embeddings, device):
     return inv_freq, attention_factor
 
 
-def _longrope(rope, base, dim, max_position_embeddings, position_ids, device):
+def _longrope(rope, base, dim, max_position_embeddings, device):
     """LongRoPE: per-channel rescaling factors, `short_factor` while the sequence fits the pretraining context
-    and `long_factor` beyond it, and cos/sin times sqrt(1 + ln(factor) / ln(original context)).
+    and `long_factor` beyond it, and cos/sin times sqrt(1 + ln(factor) / ln(original context)). Returns
+    ((short, long) inv_freq, attention factor); _longrope_select picks per row.
 
     transformers picks the factor set per forward call from max(position_ids) + 1 > original (so during
     generation it switches once the sequence crosses the original length; cached keys keep the rotation they were
@@ -81,34 +82,28 @@ def _longrope(rope, base, dim, max_position_embeddings, position_ids, device):
         attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old_len))
     shape = torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim
     short = 1.0 / (torch.tensor(rope["short_factor"], dtype=torch.float32, device=device) * base ** shape)
-    if position_ids is None:
-        return short, attention_factor
     long = 1.0 / (torch.tensor(rope["long_factor"], dtype=torch.float32, device=device) * base ** shape)
+    return (short, long), attention_factor
+
+
+def _longrope_select(rope, short, long, position_ids):
+    if position_ids is None:
+        return short
     seq_len = position_ids.amax(-1, keepdim=True)[..., None] + 1  # (B, 1, 1)
-    return torch.where(seq_len > old_len, long, short), attention_factor  # (B, 1, dim/2)
+    return torch.where(seq_len > rope["original_max_position_embeddings"], long, short)  # (B, 1, dim/2)
 
 
-def rope_inv_freq(rope: dict, head_dim: int, max_position_embeddings: int, position_ids=None, device=None):
-    """Returns (inv_freq fp32, attention_scaling python float). inv_freq is (rotary_dim/2,), or (B, 1, rotary_dim/2)
-    when it depends on each row's length (longrope with position_ids (B, T))."""
+def rope_static(rope: dict, head_dim: int, max_position_embeddings: int, device=None):
+    """The part of the rotary frequencies that does not depend on the positions: (tables, attention scaling),
+    tables = inv_freq fp32 (rotary_dim/2,), or longrope's (short, long) pair. A model computes it once per device
+    (models/decoder.py); rope_select finishes it per forward."""
     kind = rope["rope_type"]
     base = rope["rope_theta"]
     dim = rotary_dim(rope, head_dim)
-    if kind == "default":
+    if kind in ("default", "dynamic"):
         return _base_inv_freq(base, dim, device), 1.0
     if kind == "linear":
         return _base_inv_freq(base, dim, device) / rope["factor"], 1.0
-    if kind == "dynamic":
-        # base' = base * (factor * L / max_pos - (factor - 1)) ** (dim / (dim - 2)), L = max(seq_len, max_pos).
-        # L is a device tensor, as in transformers' forward-time update, so there is no .item().
-        factor = rope["factor"]
-        if position_ids is None:
-            return _base_inv_freq(base, dim, device), 1.0
-        seq_len = position_ids.max() + 1
-        seq_len = torch.maximum(seq_len, torch.tensor(max_position_embeddings, dtype=seq_len.dtype,
-                                                      device=seq_len.device))
-        base = base * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
-        return _base_inv_freq(base, dim, device), 1.0
     if kind == "llama3":
         inv_freq = _base_inv_freq(base, dim, device)
         factor = rope["factor"]
@@ -124,8 +119,33 @@ def rope_inv_freq(rope: dict, head_dim: int, max_position_embeddings: int, posit
     if kind == "yarn":
         return _yarn(rope, base, dim, max_position_embeddings, device)
     if kind == "longrope":
-        return _longrope(rope, base, dim, max_position_embeddings, position_ids, device)
+        return _longrope(rope, base, dim, max_position_embeddings, device)
     raise NotImplementedError(f"rope_type {kind!r}")  # config.py rejects unknown types before this point
+
+
+def rope_select(rope: dict, tables, head_dim: int, max_position_embeddings: int, position_ids=None):
+    """inv_freq for these positions from rope_static's tables: (rotary_dim/2,), or (B, 1, rotary_dim/2) when it
+    depends on each row's length (longrope with position_ids (B, T))."""
+    kind = rope["rope_type"]
+    if kind == "longrope":
+        return _longrope_select(rope, *tables, position_ids)
+    if kind == "dynamic" and position_ids is not None:
+        # base' = base * (factor * L / max_pos - (factor - 1)) ** (dim / (dim - 2)), L = max(seq_len, max_pos).
+        # L is a device tensor, as in transformers' forward-time update, so there is no .item().
+        factor, dim = rope["factor"], rotary_dim(rope, head_dim)
+        seq_len = position_ids.max() + 1
+        seq_len = torch.maximum(seq_len, torch.tensor(max_position_embeddings, dtype=seq_len.dtype,
+                                                      device=seq_len.device))
+        base = rope["rope_theta"] * ((factor * seq_len / max_position_embeddings) - (factor - 1)) ** (dim / (dim - 2))
+        return _base_inv_freq(base, dim, tables.device)
+    return tables
+
+
+def rope_inv_freq(rope: dict, head_dim: int, max_position_embeddings: int, position_ids=None, device=None):
+    """Returns (inv_freq fp32, attention_scaling python float). inv_freq is (rotary_dim/2,), or (B, 1, rotary_dim/2)
+    when it depends on each row's length (longrope with position_ids (B, T))."""
+    tables, scaling = rope_static(rope, head_dim, max_position_embeddings, device)
+    return rope_select(rope, tables, head_dim, max_position_embeddings, position_ids), scaling
 
 
 def rope_tables(inv_freq, attention_scaling, positions):

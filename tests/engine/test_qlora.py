@@ -108,8 +108,13 @@ def test_batch1_decoding_through_the_gemv_matches_the_training_path(tiny_llama):
         for _, m in lora_modules(q):
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
     ids = torch.randint(0, 272, (1, 1), generator=g)
-    with torch.no_grad():
+    from hare.kernels import lora as K
+    attn = q.model.layers[0].self_attn
+    one_row = torch.zeros(1, 1, q.config.hidden_size)
+    with torch.no_grad():  # the dispatch takes the GEMV path for this input (and not with autograd on)
+        assert K._decoding(one_row, (attn.q_proj, attn.k_proj, attn.v_proj))
         decoded = q(ids).logits
+    assert not K._decoding(one_row, (attn.q_proj,))
     with torch.enable_grad():
         batched = q(ids).logits.detach()
     assert not torch.equal(decoded, torch.zeros_like(decoded))

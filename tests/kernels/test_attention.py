@@ -124,6 +124,9 @@ def test_precomputed_doc_tables():
     a = attention(q, k, k, doc_ids=docs, backend="triton")
     b = attention(q, k, k, doc_ids=docs, backend="triton", doc_tables=attention_doc_tables(docs))
     assert torch.equal(a, b)
+    # and the given tables are the ones read: another layout's tables change the result
+    c = attention(q, k, k, doc_ids=docs, backend="triton", doc_tables=attention_doc_tables(docs_from_lengths([[20, 13]])))
+    assert not torch.equal(a, c)
     with pytest.raises(ValueError, match="doc_tables"):
         attention(q, k, k, backend="triton", doc_tables=attention_doc_tables(docs))
 
