@@ -18,13 +18,14 @@ The full (N, V) logits never exist: rows are processed in chunks of `chunk_size`
 cuBLAS computes the logits in the input dtype (fp32 accumulation, rounded once, exactly as the reference's
 `hidden @ weight.t()`), one Triton program per row turns them in place into g (two passes over the row:
 an online log-sum-exp, then softmax - onehot), and two more GEMMs fold g into d h and d W. The chunk's logit
-buffer is reused; d W is accumulated in the weight's dtype with `addmm_` (cuBLAS adds in fp32, so each chunk
-adds one rounding of d W: ceil(N / chunk_size) roundings instead of the reference's one, <= 8 by default).
-An fp32 accumulator would double d W's memory (2 GiB for Llama-3.1-8B's head, more than the whole 1/8 budget
-at 8192 tokens), and the bf16 one stays within the project's tolerance: on an H200 at 8192 tokens x 4096 x
-128256, upstream grad 1 / n_tokens, the max error of d W vs fp64 was 1.02x the bf16 reference's without
-softcap and 1.99x / 1.71x with softcap 30 (chunks of 1024 / 512 rows); d hidden 1.13x-1.23x, the loss 1.00x
-(tools/bench_cross_entropy.py --check). A frozen head (LoRA) computes no d W at all.
+buffer is reused. In low precision d W is accumulated over the chunks in fp32 and rounded once, after the
+backward's scaling, to the weight's dtype: the reference's one rounding. (Accumulating in bf16 with `addmm_`
+added one rounding per chunk: on the H200 at 8192 x 4096 x 128256 with softcap 30 the max error of d W reached
+1.99x the bf16 reference's, and 2.08x in tests/kernels/test_cross_entropy.py's 3-chunk case, run of 2026-11-28:
+past the project's 2x.) The fp32 accumulator lives in DW_SLABS vocab slabs so that the backward can round and
+free them one at a time: extra memory 4 V H bytes at the peak (+ a chunk's logits), 2 GiB for Llama-3.1-8B's
+head, instead of the 6 V H bytes an fp32 d W plus its bf16 copy would need at once. A frozen head (LoRA)
+computes no d W at all.
 
 Why tokens and not vocab: a vocab chunk needs the row's full log-sum-exp before any gradient can be written, so
 it either recomputes the logits GEMM (4 GEMMs instead of 3) or keeps per-chunk statistics and a second pass over
@@ -179,9 +180,30 @@ def default_chunk_size(n_rows):
     return max(1, min(n_rows, max(1024, -(-n_rows // 8))))
 
 
+# fp32 d W accumulator slabs (vocab rows split in this many parts; see the module docstring)
+DW_SLABS = 8
+
+
+def _dw_accumulate(slabs, g, h):
+    """slabs[k] += g[:, rows of slab k]^T h, accumulated in the slabs' dtype (fp32 for low-precision inputs:
+    cuBLAS's out_dtype GEMM on CUDA takes the bf16 operands and adds into fp32 without an intermediate
+    rounding; elsewhere the operands are widened first, which computes the same products exactly)."""
+    start = 0
+    for slab in slabs:
+        g_k = g[:, start:start + slab.shape[0]].t()
+        start += slab.shape[0]
+        if slab.dtype == g.dtype:
+            slab.addmm_(g_k, h)
+        elif g.is_cuda:
+            torch.addmm(slab, g_k, h, out_dtype=slab.dtype, out=slab)
+        else:
+            slab.addmm_(g_k.to(slab.dtype), h.to(slab.dtype))
+
+
 def linear_cross_entropy_fwd(hidden, weight, labels, ignore_index, softcap, need_dh, need_dw,
                              chunk_size=None, block_v=None):
-    """Loss, token count and the gradients of loss_sum w.r.t. hidden (if need_dh) and weight (if need_dw)."""
+    """Loss, token count and the gradients of loss_sum w.r.t. hidden (if need_dh) and weight (if need_dw); d W
+    as a list of row slabs in the accumulation dtype (`_dw_slabs_to_grad` finishes it)."""
     N, H = hidden.shape
     V = weight.shape[0]
     need_grad = need_dh or need_dw
@@ -189,6 +211,10 @@ def linear_cross_entropy_fwd(hidden, weight, labels, ignore_index, softcap, need
     losses = torch.empty(N, device=hidden.device, dtype=torch.float32)
     dh = torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_dh else None
     dw = None
+    if need_dw:
+        acc = torch.promote_types(weight.dtype, torch.float32)
+        rows = -(-V // DW_SLABS) if acc != weight.dtype else V
+        dw = [torch.zeros(min(rows, V - a), H, device=weight.device, dtype=acc) for a in range(0, V, rows)]
     buf = torch.empty(min(chunk, N), V, device=hidden.device, dtype=hidden.dtype)
     for start in range(0, N, chunk):
         end = min(start + chunk, N)
@@ -199,13 +225,16 @@ def linear_cross_entropy_fwd(hidden, weight, labels, ignore_index, softcap, need
         if need_dh:
             torch.mm(g, weight, out=dh[start:end])                # d h = g W
         if need_dw:
-            if dw is None:
-                dw = g.t() @ h_c                                  # d W = sum over chunks of g^T h
-            else:
-                dw.addmm_(g.t(), h_c)
-    if need_dw and dw is None:                                    # no rows at all
-        dw = torch.zeros_like(weight)
+            _dw_accumulate(dw, g, h_c)                            # d W = sum over chunks of g^T h
     return losses.sum(), (labels != ignore_index).sum(), dh, dw
+
+
+def _dw_slabs_to_grad(slabs, scale, dtype):
+    """scale * d W in `dtype`, one rounding; each slab is freed as soon as it is rounded (the list is emptied)."""
+    parts = []
+    while slabs:
+        parts.append(slabs.pop(0).mul_(scale).to(dtype))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
@@ -217,20 +246,25 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         loss, count, dh, dw = linear_cross_entropy_fwd(
             hidden, weight, labels, ignore_index, softcap, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
             chunk_size, block_v)
-        # Saved (not kept as attributes) so that autograd's version check turns a second backward through a
-        # retained graph into an error: the first backward scales these buffers in place.
-        ctx.save_for_backward(dh, dw)
+        # d hidden is saved (not kept as an attribute) so that autograd's version check turns a second backward
+        # through a retained graph into an error: the first backward scales it in place. The d W slabs are
+        # consumed by the first backward (the list is emptied), which the backward checks.
+        ctx.save_for_backward(dh)
+        ctx.dw, ctx.w_dtype = dw, weight.dtype
         ctx.mark_non_differentiable(count)
         return loss, count
 
     @staticmethod
     def backward(ctx, grad_loss, grad_count):
-        dh, dw = ctx.saved_tensors
-        # In place: no second copy of d W (V x H) at the peak. In low precision this adds one rounding.
+        dh, = ctx.saved_tensors
         if dh is not None:
-            dh.mul_(grad_loss)
-        if dw is not None:
-            dw.mul_(grad_loss)
+            dh.mul_(grad_loss)  # in place: in low precision this adds one rounding, as the reference's backward
+        dw = None
+        if ctx.dw is not None:
+            if not ctx.dw:
+                raise RuntimeError("linear_cross_entropy: the weight gradient was consumed by an earlier backward; "
+                                   "a second backward through this graph is not supported")
+            dw = _dw_slabs_to_grad(ctx.dw, grad_loss, ctx.w_dtype)
         return dh, dw, None, None, None, None, None
 
 

@@ -29,7 +29,7 @@ from ._triton import cast
 # per thread, 16-byte bf16 loads). Measured (H200, 8192-16384 x 14336 bf16, tanh): forward and backward
 # 4.0-4.1 TB/s = 96-98% of the 4.2 TB/s copy.
 from .swiglu import _check as _check_pair
-from .swiglu import _launch, _rows, _sigmoid_pair, bwd_buffers, fold_args, load_gate_up
+from .swiglu import _launch, _rows, _sigmoid_pair, bwd_buffers, fold_args, load_gate_up, tile
 
 APPROXIMATIONS = ("tanh", "none")
 
@@ -67,8 +67,7 @@ def _geglu_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = tile(N, BLOCK_M, BLOCK_N)
     g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
                         ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -95,8 +94,7 @@ def _geglu_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = tile(N, BLOCK_M, BLOCK_N)
     g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
                         ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]

@@ -39,6 +39,16 @@ def _sigmoid_pair(x):
 
 
 @triton.jit
+def tile(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(rows, cols) of this program's tile on a 1-D grid, column tiles fastest: consecutive programs read
+    consecutive addresses (a 2-D grid with rows on axis 0 sends neighbouring programs a whole row apart)."""
+    pid = tl.program_id(0)
+    col_tiles = tl.cdiv(N, BLOCK_N)
+    return ((pid // col_tiles) * BLOCK_M + tl.arange(0, BLOCK_M),
+            (pid % col_tiles) * BLOCK_N + tl.arange(0, BLOCK_N))
+
+
+@triton.jit
 def lora_term(xa_ptr, b_ptr, rows, cols, M, N, r, xa_row, b_row,
               R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """fp32 (BLOCK_M, BLOCK_N) tile of xa[rows, :r] @ B[cols, :r]^T: the low-rank part of a LoRA projection's
@@ -87,8 +97,7 @@ def _swiglu_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = tile(N, BLOCK_M, BLOCK_N)
     g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
                         ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -114,8 +123,7 @@ def _swiglu_bwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows, cols = tile(N, BLOCK_M, BLOCK_N)
     g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
                         ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
@@ -156,17 +164,17 @@ def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None):
         block = block or BLOCK
         block_n = min(triton.next_power_of_2(n), block)
         block_m = block // block_n
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     return grid, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
 
 
-# Tile when adapters are folded in (rows x columns, warps): 4096 elements as the plain kernel's 4 tiles; the
-# low-rank product is a (32 x 16) @ (16 x 128) tl.dot per tile. Measured in a Llama-3.1-8B QLoRA step (H200,
-# BENCHMARKS.md run E3): fwd 0.29 ms and in-place bwd 0.59 ms at 8192 x 14336, against 0.17 / 0.36 ms for the
-# unfolded kernels, i.e. ~55% of copy; not yet swept (`python -m hare.tools.bench_kernels --sweep --only swiglu`
-# times the tiles below), the dot's result layout converting through shared memory being the suspect.
+# Tile when adapters are folded in (rows x columns, warps): the low-rank product is a (32 x 16) @ (16 x 128)
+# tl.dot per tile. Swept on the H200 (2026-11-28, `python -m hare.tools.bench_kernels --sweep --only swiglu`,
+# 16384 x 14336 bf16, rank 16, 1-D grid): 32 x 128 with 8 warps is the best backward (1.00 ms, 67% of copy;
+# 64 x 64: 1.20-1.32, 64 x 128 / 32 x 256: 1.37-1.91) and within 7% of the best forward (0.59 vs 0.55 ms for
+# 64 x 64); one tile for both, so that the forward and backward compute the same g and u bit for bit.
 FOLD_TILE = (32, 128)
-FOLD_WARPS = 4
+FOLD_WARPS = 8
 
 
 def fold_args(fold, ref):

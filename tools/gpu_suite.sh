@@ -1,7 +1,7 @@
 #!/bin/bash
 # GPU work in few device calls (each fits the 10-minute limit): run from the repo root on the GPU machine.
-#   bash tools/gpu_suite.sh T   GPU tests, one pytest per file so that each prints its own failures
-#   bash tools/gpu_suite.sh K   kernel sweeps and benchmarks: NF4, attention, elementwise (+ torch.compile), CE
+#   bash tools/gpu_suite.sh T [FILE...]   GPU tests (all, or the files given), one pytest process per file
+#   bash tools/gpu_suite.sh K [ITEMS]   kernel sweeps and benchmarks: swiglu nf4sweep nf4 attention kernels ce (default all)
 #   bash tools/gpu_suite.sh E   end to end, hare and the anchors in the same call (needs .anchors/ and
 #                               .whl/site.tar.xz, see ../shared/bench-anchors/README.md)
 # Carry: .anchors and .whl/site.tar.xz for E (the bitsandbytes wheel in .whl/ for T's bnb oracle, if wanted).
@@ -22,20 +22,37 @@ git log -1 --format='commit %h %ci' 2>/dev/null | tee -a "$OUT/env.txt"
 
 case "$PHASE" in
 T)
-  for f in tests/models/test_gpu_families.py tests/models/test_gpu_parity.py tests/engine/test_gpu.py \
-           tests/kernels/test_attention.py tests/kernels/test_cross_entropy.py tests/kernels/test_lora.py \
-           tests/kernels/test_swiglu.py tests/kernels/test_geglu.py tests/kernels/test_rms_norm.py \
-           tests/kernels/test_rope.py tests/quant; do
-    echo "=== $f"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf "$f" 2>&1 | tee -a "$OUT/pytest.log" \
-      | grep -E "passed|failed|^FAILED|Error:" | head -12
+  # four lanes of pytest processes at once (the GPU has room; Triton compiles are CPU-bound), each file's
+  # failures printed after all lanes end
+  [ -f .bench/diag.py ] && timeout 200 python3 .bench/diag.py > "$OUT/diag.log" 2>&1 &
+  lane() { for f in "$@"; do
+      timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -rf "$f" > "$OUT/pytest_$(basename $f .py).log" 2>&1
+    done; }
+  if [ $# -gt 1 ]; then  # `T FILE...`: those files, one process each
+    for f in "${@:2}"; do lane "$f" & done
+  else
+    lane tests/models/test_gpu_families.py tests/kernels/test_rope.py &
+    lane tests/kernels/test_attention.py &
+    lane tests/models/test_gpu_parity.py tests/engine/test_gpu.py tests/kernels/test_rms_norm.py &
+    lane tests/kernels/test_cross_entropy.py tests/kernels/test_lora.py tests/kernels/test_swiglu.py \
+         tests/kernels/test_geglu.py tests/quant &
+  fi
+  wait
+  [ -f "$OUT/diag.log" ] && tail -40 "$OUT/diag.log"
+  for f in "$OUT"/pytest_*.log; do
+    echo "=== $f"; grep -E "passed|failed|^FAILED|Error:|Timeout" "$f" | head -12
   done ;;
 K)
-  timeout 90 python3 -m hare.tools.bench_kernels --sweep --only swiglu --out "$OUT/sweep_swiglu.json" 2>&1 | tail -24
-  timeout 90 python3 -m hare.tools.sweep_nf4 --out "$OUT/sweep_nf4.json" 2>&1 | tail -20
-  timeout 150 python3 -m hare.tools.sweep_attention --out "$OUT/sweep_attention.json" 2>&1 | tail -40
-  timeout 120 python3 -m hare.tools.bench_kernels --tokens 16384 --out "$OUT/bench_kernels.json" 2>&1 | tail -20
-  timeout 100 python3 -m hare.tools.bench_cross_entropy --out "$OUT/bench_ce.json" 2>&1 | tail -12 ;;
+  # the named items only (default: all), e.g. `K swiglu attention`
+  ITEMS=${2:-swiglu nf4sweep nf4 attention kernels ce}
+  for it in $ITEMS; do case $it in
+  swiglu) timeout 120 python3 -m hare.tools.bench_kernels --sweep --only swiglu geglu --out "$OUT/sweep_glu.json" 2>&1 | tail -40 ;;
+  nf4sweep) timeout 90 python3 -m hare.tools.sweep_nf4 --out "$OUT/sweep_nf4.json" 2>&1 | tail -20 ;;
+  nf4) timeout 150 python3 -m hare.tools.bench_nf4 --out "$OUT/bench_nf4.json" 2>&1 | tail -45 ;;
+  attention) timeout 150 python3 -m hare.tools.sweep_attention --out "$OUT/sweep_attention.json" 2>&1 | tail -40 ;;
+  kernels) timeout 120 python3 -m hare.tools.bench_kernels --tokens 16384 --out "$OUT/bench_kernels.json" 2>&1 | tail -20 ;;
+  ce) timeout 100 python3 -m hare.tools.bench_cross_entropy --out "$OUT/bench_ce.json" 2>&1 | tail -12 ;;
+  esac; done ;;
 E)
   R=$OUT/results.jsonl
   H() { timeout 120 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing auto|Error"; }

@@ -105,7 +105,7 @@ def test_mlp_matches_ref(act, dtype, adapter_dtype):
 def test_unused_output_and_frozen_input():
     """Only q used in the loss, x not requiring grad: no dx, no gradient for v's adapter, q's correct."""
     projections = _cast([_proj(13, seed=1), _proj(13, seed=2)], torch.float64)
-    x = torch.randn(4, IN, dtype=torch.float64)
+    x = torch.randn(4, IN, dtype=torch.float64, device=DEVICE)
     q, v = lora.lora_linears(x, projections, backend="triton")
     q.sum().backward()
     assert projections[1][2].grad is None and projections[1][3].grad is None
