@@ -32,6 +32,11 @@ from .swiglu import _check as _check_pair
 from .swiglu import _launch, _rows, _sigmoid_pair, bwd_buffers, fold_args, load_gate_up, tile
 
 APPROXIMATIONS = ("tanh", "none")
+# The forward's own tile (elements per program, warps): gelu's extra arithmetic per element hides better behind
+# more loads in flight. H200 sweep of 2026-11-28 (16384 x 14336 bf16, tanh, `python -m hare.tools.bench_kernels
+# --sweep --only geglu`): fwd 1024/4 warps 0.328 ms, 2048/4 0.322, 4096/8 0.320; the backward's best stays
+# swiglu's 1024/4 (0.542 ms; the others 0.545-0.553).
+FWD_BLOCK, FWD_WARPS = 4096, 8
 
 
 @triton.jit
@@ -123,6 +128,8 @@ def geglu_fwd(gate, up, approximate, block=None, num_warps=None, fold=None):
     y2 = y.view(-1, n)
     if y.numel():
         lora_args, meta = fold_args(fold, g2)
+        if fold is None:  # the folded kernel keeps swiglu's FOLD_TILE
+            block, num_warps = block or FWD_BLOCK, num_warps or FWD_WARPS
         grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)
         _geglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0),
                                 *lora_args, TANH=approximate == "tanh", INTERPRET=interpreting(y), **meta, **cfg)

@@ -22,17 +22,20 @@ def gib(x):
 
 def profile_step(model, opt, ids, top):
     """One more training step under torch.profiler: the top GPU kernels by total time and their share of the
-    step's GPU time, printed and returned (for BENCHMARKS.md: where a step's time goes)."""
+    step's GPU time, and the step's GPU idle gaps (stretches with no kernel running, where the host is behind):
+    their total and the largest, each with the kernels around it and the innermost host op running at its middle
+    (what the host was doing instead of launching). Printed and returned (for BENCHMARKS.md)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         model(ids, labels=ids).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
-    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    cuda = torch.autograd.DeviceType.CUDA
+    kernels = [e for e in prof.key_averages() if e.device_type == cuda]
     total = sum(e.self_device_time_total for e in kernels) or 1.0
     rows = sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]
     out = [dict(kernel=e.key[:120], calls=e.count, ms=round(e.self_device_time_total / 1000, 2),
@@ -40,7 +43,31 @@ def profile_step(model, opt, ids, top):
     print(f"profile: GPU time {total / 1000:.1f} ms in {sum(e.count for e in kernels)} kernel launches")
     for r in out:
         print(f"  {r['share'] * 100:5.1f}%  {r['ms']:8.2f} ms  x{r['calls']:<5d} {r['kernel']}")
-    return dict(gpu_ms=round(total / 1000, 1), top=out)
+    return dict(gpu_ms=round(total / 1000, 1), top=out, gaps=_gaps(prof.events(), cuda, top))
+
+
+def _gaps(events, cuda, top, min_us=10.0):
+    """GPU idle stretches longer than min_us between the first and last kernel (any stream), largest first."""
+    ks = sorted((e for e in events if e.device_type == cuda), key=lambda e: e.time_range.start)
+    host = [e for e in events if e.device_type != cuda]
+    gaps, end, last = [], None, None
+    for k in ks:
+        if end is not None and k.time_range.start - end > min_us:
+            gaps.append((k.time_range.start - end, end, last.name, k.name))
+        if end is None or k.time_range.end > end:
+            end, last = k.time_range.end, k
+    gaps.sort(reverse=True)
+    rows = []
+    for us, start, before, after in gaps[:top]:
+        mid = start + us / 2
+        around = [e for e in host if e.time_range.start <= mid <= e.time_range.end]
+        inner = min(around, key=lambda e: e.time_range.end - e.time_range.start).name if around else "-"
+        rows.append(dict(us=round(us, 1), before=before[:60], after=after[:60], host=inner[:60]))
+    idle = sum(g[0] for g in gaps)
+    print(f"GPU idle gaps > {min_us:.0f} us: {len(gaps)}, {idle / 1000:.1f} ms in all; largest:")
+    for r in rows:
+        print(f"  {r['us']:8.1f} us  host in {r['host']}  | after {r['before']} | before {r['after']}")
+    return dict(count=len(gaps), ms=round(idle / 1000, 1), largest=rows)
 
 
 def main(argv=None):

@@ -55,9 +55,9 @@ K)
   esac; done ;;
 E)
   R=$OUT/results.jsonl
-  H() { timeout 120 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing auto|Error"; }
+  H() { timeout 120 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing auto|Error|profile:|idle gaps|^  "; }
   [ -f /tmp/ckpt_8b/tokenizer.json ] || timeout 120 python3 .anchors/make_ckpt.py 8b /tmp/ckpt_8b
-  H --ckpt /tmp/ckpt_8b --quant 4bit --gc offload
+  H --ckpt /tmp/ckpt_8b --quant 4bit --gc offload --profile 12
   H --ckpt /tmp/ckpt_8b --quant 16bit --gc offload
   H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36
   OUT=$OUT bash .anchors/run_anchors.sh X 130 unsloth_4bit 8b | grep -E "RESULT|rc="
