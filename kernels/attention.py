@@ -21,12 +21,11 @@ Backward, with dO the gradient of O:
     dX_ij = P_ij (dP_ij - delta_i),  delta_i = sum_j P_ij dP_ij = dO_i . O_i      (softmax Jacobian)
     dS_ij = dX_ij * dx/ds                           s = q.k; dx/ds = scale, or scale * (1 - tanh^2) with softcap
     dQ_i  = sum_j dS_ij k_j,    dK_j = sum_i dS_ij q_i  (dK summed over the q heads of the group)
-  By default two kernels, no atomics, bit-reproducible: dQ (one program per query block and q head, looping over
-  key blocks; it also computes delta from its O and dO tiles and stores it), then dK/dV (one program per key block
-  and kv head, looping over the group's q heads and over query blocks). The dQ kernel recomputes q.k and dO.v (two
-  extra matmuls, one extra exponential) in exchange for no atomic adds and no fp32 dQ buffer. The atomic-dQ variant
-  (KernelConfig.atomic_dq) instead adds each tile's scale * dS k to an fp32 dQ in the dK/dV kernel, after a delta
-  pass; the order of the adds, hence dQ's last bits, varies from run to run.
+  Two kernels, no atomics, bit-reproducible: dQ (one program per query block and q head, looping over key blocks;
+  it also computes delta from its O and dO tiles and stores it), then dK/dV (one program per key block and kv head,
+  looping over the group's q heads and over query blocks). The dQ kernel recomputes q.k and dO.v (two extra
+  matmuls, one extra exponential) in exchange for no atomic adds and no fp32 dQ buffer; adding dQ with fp32
+  atomics in the dK/dV kernel instead was measured slower and removed (below).
 
 Block skipping: a query block [m0, m1) needs only keys [lo, min(m1, T)) with lo = max(m0 - W + 1, first index of
   the earliest document among its queries); a key block [n0, n1) is needed only by queries [n0, hi) with
@@ -36,10 +35,16 @@ Block skipping: a query block [m0, m1) needs only keys [lo, min(m1, T)) with lo 
   an interior loop that has no mask code at all (section "Tile loops"); with documents each tile is tested.
   Document bounds come from `attention_doc_tables` (a sort, so ids need not be contiguous runs).
 
-Launch variants (KernelConfig: block shape, warps, pipeline stages, the split, TMA loads, atomic dQ) are the same
-kernels with other constexprs; tools/sweep_attention.py times them on the H200 and `_config` holds the choice.
+Launch variants (KernelConfig: block shape, warps, pipeline stages, the split) are the same kernels with other
+constexprs; tools/sweep_attention.py times them on the H200 and `_config` holds the choice (its docstring has the
+numbers). Two other variants lost that sweep (H200, 2026-11-28: bf16, B 4 x T 8192, 32 q / 8 kv heads, D 128,
+causal with a 4096 window; all variants passed their accuracy checks) and were removed:
+  - K/V (forward, dQ) or q/dO (dK/dV) tiles loaded through Hopper TMA tensor descriptors: each kernel's best TMA
+    variant was within 1% of, or slower than, its best pointer-load variant: forward 3.683 vs 3.655 ms, dQ 4.490 vs
+    4.361, dK/dV 7.059 vs 6.986.
+  - dQ accumulated with fp32 atomic adds in the dK/dV kernel (no dQ kernel; a delta pass first; dQ's last bits
+    varied with the order of the adds): whole backward 13.26-15.03 ms vs 11.39 for the best dQ + dK/dV kernels.
 """
-import contextvars
 import functools
 from typing import NamedTuple
 
@@ -170,33 +175,19 @@ def _same_doc(ROW, TS, T, a0, a1, uni, doc):
 
 
 @triton.jit
-def _source(base, T, stride, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, TMA: tl.constexpr):
-    """What a kernel streams (T, D) row tiles from (rows `stride` elements apart, the last dim contiguous): the pointer,
-    or with TMA a device-side tensor descriptor of the same view (Hopper's tensor-memory accelerator copies a whole
-    tile to shared memory asynchronously, no per-thread addresses). The descriptor's bounds make the hardware fill
-    rows >= T and columns >= D with zeros, as the masked pointer loads do."""
-    if TMA:
-        return tl.make_tensor_descriptor(base, shape=[T, D], strides=[stride, 1], block_shape=[BLOCK_R, BLOCK_D])
+def _load_rows(base, r0, stride, T, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Rows [r0, r0 + BLOCK_R) x columns [0, BLOCK_D) of a (T, D) view at `base` (rows `stride` elements apart,
+    the last dim contiguous), zero past D and (CHECK_ROWS) past T."""
+    offs_r = r0 + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    ptrs = base + offs_r[:, None] * stride + offs_d[None, :]
+    if CHECK_ROWS:
+        return tl.load(ptrs, mask=(offs_r[:, None] < T) & (offs_d[None, :] < D), other=0.0)
+    elif D == BLOCK_D:
+        return tl.load(ptrs)
     else:
-        return base
-
-
-@triton.jit
-def _load_rows(src, r0, stride, T, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-               CHECK_ROWS: tl.constexpr, TMA: tl.constexpr):
-    """Rows [r0, r0 + BLOCK_R) x columns [0, BLOCK_D) of a `_source`, zero past D and (CHECK_ROWS) past T."""
-    if TMA:
-        return src.load([r0, 0])
-    else:
-        offs_r = r0 + tl.arange(0, BLOCK_R)
-        offs_d = tl.arange(0, BLOCK_D)
-        ptrs = src + offs_r[:, None] * stride + offs_d[None, :]
-        if CHECK_ROWS:
-            return tl.load(ptrs, mask=(offs_r[:, None] < T) & (offs_d[None, :] < D), other=0.0)
-        elif D == BLOCK_D:
-            return tl.load(ptrs)
-        else:
-            return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+        return tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
 
 
 @triton.jit
@@ -238,11 +229,11 @@ def _query_range(n0, T, W, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WIN
 def _fwd_tiles(acc, m_i, l_i, n_lo, n_hi,
                MASK: tl.constexpr,  # 0: interior tiles, no mask; 1: edge tiles, always masked; 2: test each tile
                HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-               q, k_src, v_src, skt, svt, m0, T, W,
+               q, k_base, v_base, skt, svt, m0, T, W,
                sc,                  # (scale * log2 e, cap * log2 e, scale / cap)
                docs,                # (ROW, TS, doc_q, q_doc, q_uni), read with MASK 2 only: see _attn_fwd_kernel
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               SOFTCAP: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+               SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                INTERPRET: tl.constexpr):
     """The online softmax (module docstring) of queries [m0, m0 + BLOCK_M) over key tiles [n_lo, n_hi)."""
     ROW, TS, doc_q, q_doc, q_uni = docs
@@ -250,8 +241,8 @@ def _fwd_tiles(acc, m_i, l_i, n_lo, n_hi,
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_src, n0, skt, T, D, BLOCK_N, BLOCK_D, MASK != 0, TMA)
-        v = _load_rows(v_src, n0, svt, T, D, BLOCK_N, BLOCK_D, MASK != 0, TMA)
+        k = _load_rows(k_base, n0, skt, T, D, BLOCK_N, BLOCK_D, MASK != 0)
+        v = _load_rows(v_base, n0, svt, T, D, BLOCK_N, BLOCK_D, MASK != 0)
         s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
         x, t = _logits(s, sc, SOFTCAP)
         if MASK == 1:
@@ -294,7 +285,6 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
     SPLIT: tl.constexpr,        # interior key tiles in their own loop, without mask code (section "Tile loops")
-    TMA: tl.constexpr,          # k/v tiles through tensor descriptors (_source)
     UPCAST: tl.constexpr, PREC: tl.constexpr,
     INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
@@ -308,9 +298,9 @@ def _attn_fwd_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     b64 = b.to(tl.int64)
-    q = _load_rows(Q + b64 * sqb + h * sqh, m0, sqt, T, D, BLOCK_M, BLOCK_D, True, False)
-    k_src = _source(K + b64 * skb + hk * skh, T, skt, D, BLOCK_N, BLOCK_D, TMA)
-    v_src = _source(V + b64 * svb + hk * svh, T, svt, D, BLOCK_N, BLOCK_D, TMA)
+    q = _load_rows(Q + b64 * sqb + h * sqh, m0, sqt, T, D, BLOCK_M, BLOCK_D, True)
+    k_base = K + b64 * skb + hk * skh
+    v_base = V + b64 * svb + hk * svh
     lo, a, c, hi = _key_range(m0, T, W, BLOCK_M, BLOCK_N, HAS_WINDOW)
 
     # m starts finite (not -inf) so a row whose first tiles are all masked gives exp2(-inf - m) = 0, never NaN.
@@ -326,22 +316,22 @@ def _attn_fwd_kernel(
         lo = tl.maximum(lo, tl.min(tl.load(ROW + TS + offs_mc), 0) // BLOCK_N * BLOCK_N)
         q_uni = tl.load(ROW + 3 * TS + tl.minimum(m0 + BLOCK_M, T) - 1) <= m0
         docs = (ROW, TS, tl.load(ROW + offs_mc), tl.load(ROW + m0), q_uni)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, lo, hi, 2, HAS_WINDOW, True, q, k_src, v_src, skt, svt, m0, T, W,
-                                   sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, lo, hi, 2, HAS_WINDOW, True, q, k_base, v_base, skt, svt, m0, T, W,
+                                   sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC, INTERPRET)
     else:
         docs = (DOC, TS, offs_m, 0, False)  # unread
         if SPLIT:
             if HAS_WINDOW:
-                acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, lo, a, 1, True, False, q, k_src, v_src, skt, svt, m0, T,
-                                           W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC,
+                acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, lo, a, 1, True, False, q, k_base, v_base, skt, svt, m0, T,
+                                           W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC,
                                            INTERPRET)
-            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, a, c, 0, HAS_WINDOW, False, q, k_src, v_src, skt, svt, m0, T,
-                                       W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
-            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, c, hi, 1, HAS_WINDOW, False, q, k_src, v_src, skt, svt, m0, T,
-                                       W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, a, c, 0, HAS_WINDOW, False, q, k_base, v_base, skt, svt, m0, T,
+                                       W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC, INTERPRET)
+            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, c, hi, 1, HAS_WINDOW, False, q, k_base, v_base, skt, svt, m0, T,
+                                       W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC, INTERPRET)
         else:
-            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, lo, hi, 2, HAS_WINDOW, False, q, k_src, v_src, skt, svt, m0, T,
-                                       W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, lo, hi, 2, HAS_WINDOW, False, q, k_base, v_base, skt, svt, m0, T,
+                                       W, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC, INTERPRET)
 
     # Every real query sees at least itself, so l_i > 0 on the rows that are stored; the guard keeps padding
     # rows (never stored) free of 0/0.
@@ -358,42 +348,23 @@ def _attn_fwd_kernel(
 
 
 @triton.jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, sob, sot, soh, sdb, sdt, sdh, T, Hq,
-                           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    # delta_i = dO_i . O_i (fp32), the row term of the softmax Jacobian; DELTA is (B, Hq, T). Only the atomic-dQ
-    # variant runs this pass; otherwise the dQ kernel computes delta on the way.
-    mb = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // Hq).to(tl.int64)
-    h = bh % Hq
-    m0 = mb * BLOCK_M
-    o = _load_rows(O + b * sob + h * soh, m0, sot, T, D, BLOCK_M, BLOCK_D, True, False)
-    do = _load_rows(DO + b * sdb + h * sdh, m0, sdt, T, D, BLOCK_M, BLOCK_D, True, False)
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    tl.store(DELTA + bh.to(tl.int64) * T + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < T)
-
-
-@triton.jit
 def _dkdv_tiles(dk, dv, m_lo, m_hi,
                 MASK: tl.constexpr,  # as in _fwd_tiles
                 HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-                k, v, q_src, do_src, sqt, sdt, n0, T, W,
-                rows,                # (LSE_ROW, DELTA_ROW, DQA_ROW, sqa): this q head's lse and delta (indexed by
-                                     # query) and fp32 dQ accumulator (atomic variant) with its row stride
-                scale, sc,           # scale; (scale * log2 e, cap * log2 e, scale / cap)
+                k, v, q_base, do_base, sqt, sdt, n0, T, W,
+                LSE_ROW, DELTA_ROW,  # this q head's lse and delta, indexed by query
+                sc,                  # (scale * log2 e, cap * log2 e, scale / cap)
                 docs,                # (ROW, TS, doc_k, k_doc, k_uni), MASK 2 only: see _attn_bwd_dkdv_kernel
                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                SOFTCAP: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                UPCAST: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
+                SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, INTERPRET: tl.constexpr):
     """dK, dV of keys [n0, n0 + BLOCK_N) from query tiles [m_lo, m_hi) of one q head (module docstring)."""
-    LSE_ROW, DELTA_ROW, DQA_ROW, sqa = rows
     ROW, TS, doc_k, k_doc, k_uni = docs
     offs_n = n0 + tl.arange(0, BLOCK_N)
     for m0 in range(m_lo, m_hi, BLOCK_M):
         m0 = tl.multiple_of(m0, BLOCK_M)
         offs_m = m0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(q_src, m0, sqt, T, D, BLOCK_M, BLOCK_D, MASK != 0, TMA)
-        do = _load_rows(do_src, m0, sdt, T, D, BLOCK_M, BLOCK_D, MASK != 0, TMA)
+        q = _load_rows(q_base, m0, sqt, T, D, BLOCK_M, BLOCK_D, MASK != 0)
+        do = _load_rows(do_base, m0, sdt, T, D, BLOCK_M, BLOCK_D, MASK != 0)
         # Padding rows (>= T): q = 0, dO = 0, lse 0 and delta 0, so their P is 1 (finite) and every product with
         # dO vanishes.
         if MASK == 0:
@@ -429,16 +400,6 @@ def _dkdv_tiles(dk, dv, m_lo, m_hi,
         dsT = cast(dsT, q.dtype, INTERPRET)
         # dK_j += sum_i dS_ij q_i
         dk = _mm(dsT, q, dk, UPCAST, PREC)
-        if ATOMIC_DQ:
-            # dQ_i += scale * sum_j dS_ij k_j: this key block's share, added in fp32 to the rows' accumulator that
-            # every key-block program of the row adds to (in no fixed order: not bit-reproducible).
-            dq = _mm(tl.trans(dsT), k, tl.zeros([BLOCK_M, BLOCK_D], tl.float32), UPCAST, PREC) * scale
-            offs_d = tl.arange(0, BLOCK_D)
-            ptrs = DQA_ROW + offs_m[:, None] * sqa + offs_d[None, :]
-            if MASK == 0 and D == BLOCK_D:
-                tl.atomic_add(ptrs, dq, sem="relaxed")
-            else:
-                tl.atomic_add(ptrs, dq, mask=(offs_m[:, None] < T) & (offs_d[None, :] < D), sem="relaxed")
     return dk, dv
 
 
@@ -446,7 +407,6 @@ def _dkdv_tiles(dk, dv, m_lo, m_hi,
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA,    # q/do (B,T,Hq,D) (do has its own strides), k/v (B,T,Hk,D), LSE/DELTA (B,Hq,T)
     DK, DV,                     # outputs (B,T,Hk,D) contiguous, in k's dtype
-    DQA,                        # ATOMIC_DQ: fp32 (B,T,Hq,D) zeros, receives scale * dS k
     DOC, TS,                    # as in the forward
     sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh,
     T, Hq, Hk,
@@ -454,8 +414,7 @@ def _attn_bwd_dkdv_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
-    SPLIT: tl.constexpr, TMA: tl.constexpr,  # as in the forward (TMA: the q/dO tiles)
-    ATOMIC_DQ: tl.constexpr,    # also accumulate dQ here (fp32 atomics) instead of the dQ kernel
+    SPLIT: tl.constexpr,        # as in the forward (interior query tiles)
     UPCAST: tl.constexpr, PREC: tl.constexpr,
     INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
@@ -469,8 +428,8 @@ def _attn_bwd_dkdv_kernel(
     n0 = nb * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b64 * skb + hk * skh, n0, skt, T, D, BLOCK_N, BLOCK_D, True, False)
-    v = _load_rows(V + b64 * svb + hk * svh, n0, svt, T, D, BLOCK_N, BLOCK_D, True, False)
+    k = _load_rows(K + b64 * skb + hk * skh, n0, skt, T, D, BLOCK_N, BLOCK_D, True)
+    v = _load_rows(V + b64 * svb + hk * svh, n0, svt, T, D, BLOCK_N, BLOCK_D, True)
     lo, a, c, hi = _query_range(n0, T, W, BLOCK_M, BLOCK_N, HAS_WINDOW)
     sc = (scale_log2, cap_log2, inv_cap_scale)
     docs = (DOC, TS, offs_n, 0, False)  # unread without documents
@@ -485,23 +444,24 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(GROUP):
         h = hk * GROUP + g
-        q_src = _source(Q + b64 * sqb + h * sqh, T, sqt, D, BLOCK_M, BLOCK_D, TMA)
-        do_src = _source(DO + b64 * sdb + h * sdh, T, sdt, D, BLOCK_M, BLOCK_D, TMA)
-        rows = (LSE + (b64 * Hq + h) * T, DELTA + (b64 * Hq + h) * T, DQA + b64 * T * Hq * D + h * D, Hq * D)
+        q_base = Q + b64 * sqb + h * sqh
+        do_base = DO + b64 * sdb + h * sdh
+        lse_row = LSE + (b64 * Hq + h) * T
+        delta_row = DELTA + (b64 * Hq + h) * T
         if HAS_DOCS or not SPLIT:
-            dk, dv = _dkdv_tiles(dk, dv, lo, hi, 2, HAS_WINDOW, HAS_DOCS, k, v, q_src, do_src, sqt, sdt, n0, T, W,
-                                 rows, scale, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, ATOMIC_DQ,
-                                 UPCAST, PREC, INTERPRET)
+            dk, dv = _dkdv_tiles(dk, dv, lo, hi, 2, HAS_WINDOW, HAS_DOCS, k, v, q_base, do_base, sqt, sdt, n0, T, W,
+                                 lse_row, delta_row, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC,
+                                 INTERPRET)
         else:
-            dk, dv = _dkdv_tiles(dk, dv, lo, a, 1, HAS_WINDOW, False, k, v, q_src, do_src, sqt, sdt, n0, T, W,
-                                 rows, scale, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, ATOMIC_DQ,
-                                 UPCAST, PREC, INTERPRET)
-            dk, dv = _dkdv_tiles(dk, dv, a, c, 0, HAS_WINDOW, False, k, v, q_src, do_src, sqt, sdt, n0, T, W,
-                                 rows, scale, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, ATOMIC_DQ,
-                                 UPCAST, PREC, INTERPRET)
-            dk, dv = _dkdv_tiles(dk, dv, c, hi, 1, HAS_WINDOW, False, k, v, q_src, do_src, sqt, sdt, n0, T, W,
-                                 rows, scale, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, ATOMIC_DQ,
-                                 UPCAST, PREC, INTERPRET)
+            dk, dv = _dkdv_tiles(dk, dv, lo, a, 1, HAS_WINDOW, False, k, v, q_base, do_base, sqt, sdt, n0, T, W,
+                                 lse_row, delta_row, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC,
+                                 INTERPRET)
+            dk, dv = _dkdv_tiles(dk, dv, a, c, 0, HAS_WINDOW, False, k, v, q_base, do_base, sqt, sdt, n0, T, W,
+                                 lse_row, delta_row, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC,
+                                 INTERPRET)
+            dk, dv = _dkdv_tiles(dk, dv, c, hi, 1, HAS_WINDOW, False, k, v, q_base, do_base, sqt, sdt, n0, T, W,
+                                 lse_row, delta_row, sc, docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC,
+                                 INTERPRET)
 
     out_off = (b64 * T + offs_n[:, None]) * (Hk * D) + hk * D + offs_d[None, :]
     kv_mask = (offs_n[:, None] < T) & (offs_d[None, :] < D)
@@ -513,10 +473,10 @@ def _attn_bwd_dkdv_kernel(
 def _dq_tiles(dq, n_lo, n_hi,
               MASK: tl.constexpr,  # as in _fwd_tiles
               HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr,
-              q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W,
+              q, do, lse, delta, k_base, v_base, skt, svt, m0, T, W,
               sc, docs,            # as in _fwd_tiles
               D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              SOFTCAP: tl.constexpr, TMA: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+              SOFTCAP: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
               INTERPRET: tl.constexpr):
     """dQ of queries [m0, m0 + BLOCK_M) from key tiles [n_lo, n_hi) (unscaled; the caller multiplies by scale)."""
     ROW, TS, doc_q, q_doc, q_uni = docs
@@ -524,8 +484,8 @@ def _dq_tiles(dq, n_lo, n_hi,
     for n0 in range(n_lo, n_hi, BLOCK_N):
         n0 = tl.multiple_of(n0, BLOCK_N)
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_src, n0, skt, T, D, BLOCK_N, BLOCK_D, MASK != 0, TMA)
-        v = _load_rows(v_src, n0, svt, T, D, BLOCK_N, BLOCK_D, MASK != 0, TMA)
+        k = _load_rows(k_base, n0, skt, T, D, BLOCK_N, BLOCK_D, MASK != 0)
+        v = _load_rows(v_base, n0, svt, T, D, BLOCK_N, BLOCK_D, MASK != 0)
         s = _mm(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST, PREC)
         x, t = _logits(s, sc, SOFTCAP)
         p = tl.math.exp2(x - lse[:, None])
@@ -563,7 +523,7 @@ def _attn_bwd_dq_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, HAS_DOCS: tl.constexpr, SOFTCAP: tl.constexpr,
-    SPLIT: tl.constexpr, TMA: tl.constexpr,  # as in the forward
+    SPLIT: tl.constexpr,        # as in the forward
     UPCAST: tl.constexpr, PREC: tl.constexpr,
     INTERPRET: tl.constexpr,    # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
@@ -577,16 +537,16 @@ def _attn_bwd_dq_kernel(
     m0 = mb * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b64 * sqb + h * sqh, m0, sqt, T, D, BLOCK_M, BLOCK_D, True, False)
-    do = _load_rows(DO + b64 * sdb + h * sdh, m0, sdt, T, D, BLOCK_M, BLOCK_D, True, False)
-    o = _load_rows(O + b64 * sob + h * soh, m0, sot, T, D, BLOCK_M, BLOCK_D, True, False)
+    q = _load_rows(Q + b64 * sqb + h * sqh, m0, sqt, T, D, BLOCK_M, BLOCK_D, True)
+    do = _load_rows(DO + b64 * sdb + h * sdh, m0, sdt, T, D, BLOCK_M, BLOCK_D, True)
+    o = _load_rows(O + b64 * sob + h * soh, m0, sot, T, D, BLOCK_M, BLOCK_D, True)
     # delta_i = dO_i . O_i (fp32), the row term of the softmax Jacobian, computed here instead of in a pass of its
     # own, and stored for the dK/dV kernel.
     delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
     tl.store(DELTA + bh.to(tl.int64) * T + offs_m, delta, mask=offs_m < T)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=offs_m < T, other=0.0)
-    k_src = _source(K + b64 * skb + hk * skh, T, skt, D, BLOCK_N, BLOCK_D, TMA)
-    v_src = _source(V + b64 * svb + hk * svh, T, svt, D, BLOCK_N, BLOCK_D, TMA)
+    k_base = K + b64 * skb + hk * skh
+    v_base = V + b64 * svb + hk * svh
     lo, a, c, hi = _key_range(m0, T, W, BLOCK_M, BLOCK_N, HAS_WINDOW)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -598,21 +558,21 @@ def _attn_bwd_dq_kernel(
         lo = tl.maximum(lo, tl.min(tl.load(ROW + TS + offs_mc), 0) // BLOCK_N * BLOCK_N)
         q_uni = tl.load(ROW + 3 * TS + tl.minimum(m0 + BLOCK_M, T) - 1) <= m0
         docs = (ROW, TS, tl.load(ROW + offs_mc), tl.load(ROW + m0), q_uni)
-        dq = _dq_tiles(dq, lo, hi, 2, HAS_WINDOW, True, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc, docs,
-                       D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+        dq = _dq_tiles(dq, lo, hi, 2, HAS_WINDOW, True, q, do, lse, delta, k_base, v_base, skt, svt, m0, T, W, sc, docs,
+                       D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC, INTERPRET)
     else:
         docs = (DOC, TS, offs_m, 0, False)  # unread
         if SPLIT:
             if HAS_WINDOW:
-                dq = _dq_tiles(dq, lo, a, 1, True, False, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc,
-                               docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
-            dq = _dq_tiles(dq, a, c, 0, HAS_WINDOW, False, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc,
-                           docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
-            dq = _dq_tiles(dq, c, hi, 1, HAS_WINDOW, False, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc,
-                           docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+                dq = _dq_tiles(dq, lo, a, 1, True, False, q, do, lse, delta, k_base, v_base, skt, svt, m0, T, W, sc,
+                               docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC, INTERPRET)
+            dq = _dq_tiles(dq, a, c, 0, HAS_WINDOW, False, q, do, lse, delta, k_base, v_base, skt, svt, m0, T, W, sc,
+                           docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC, INTERPRET)
+            dq = _dq_tiles(dq, c, hi, 1, HAS_WINDOW, False, q, do, lse, delta, k_base, v_base, skt, svt, m0, T, W, sc,
+                           docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC, INTERPRET)
         else:
-            dq = _dq_tiles(dq, lo, hi, 2, HAS_WINDOW, False, q, do, lse, delta, k_src, v_src, skt, svt, m0, T, W, sc,
-                           docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, TMA, UPCAST, PREC, INTERPRET)
+            dq = _dq_tiles(dq, lo, hi, 2, HAS_WINDOW, False, q, do, lse, delta, k_base, v_base, skt, svt, m0, T, W, sc,
+                           docs, D, BLOCK_D, BLOCK_M, BLOCK_N, SOFTCAP, UPCAST, PREC, INTERPRET)
 
     tl.store(DQ + (b64 * T + offs_m[:, None]) * (Hq * D) + h * D + offs_d[None, :],
              cast(dq * scale, DQ.dtype.element_ty, INTERPRET), mask=(offs_m[:, None] < T) & (offs_d[None, :] < D))
@@ -626,44 +586,48 @@ def _attn_bwd_dq_kernel(
 class KernelConfig(NamedTuple):
     """How one kernel launches. block_m / block_n: queries / keys per tile; warps, stages: Triton's num_warps and
     num_stages (shared-memory buffers of the streamed tiles); split: interior tiles in a loop without mask code
-    (section "Tile loops"); tma: streamed tiles through tensor descriptors (`_source`; Hopper and later); atomic_dq
-    (dK/dV kernel only): accumulate dQ in the dK/dV kernel with fp32 atomic adds and skip the dQ kernel. That
-    saves two of the backward's seven matmuls and one of its two exponentials per tile, for 4 B x D of atomic
-    traffic per query per key block, and makes dQ's last bits depend on the order the adds land in."""
+    (section "Tile loops"; no effect with documents)."""
     block_m: int
     block_n: int
     warps: int
     stages: int
     split: bool = True
-    tma: bool = False
-    atomic_dq: bool = False
 
 
 def _config(D, interp, dtype=torch.bfloat16, docs=False):
     """{"fwd", "dkdv", "dq"}: KernelConfig of the forward, dK/dV and dQ kernels, by head dim and case.
 
-    GPU (H200, sm_90), measured with tools/bench_attention.py --sweep (bf16, B 4, T 8192, 32 q / 8 kv heads,
-    causal) on the kernels before the interior/edge split (every tile tested at run time, split=False), the
-    backward as whole-backward TFLOP/s with the other backward kernel at its default:
-    D <= 128 (80 and 96 pad to 128): a 128-query block gives two 64-row warpgroups (num_warps 8) sharing each
-      K/V tile; BLOCK_N 64 keeps the 128 x 64 fp32 scores and the 128 x 128 accumulator in registers; 4 stages
-      of K/V (4 x 2 x 64 x 128 x 2 B = 128 KB of 228 KB shared memory) hide the loads: 445 TFLOP/s, vs 380 with
-      3 stages and 272-326 with 4 warps; 128 x 128 x 3 stages ties (447). dK/dV: 128 keys per program keep
-      dK, dV (2 x 128 x 128 fp32) in registers, 64-query tiles, 3 stages: 370 (64 x 64: 255; 128 x 128: 168).
-      dQ: 128 queries, 64-key tiles, 4 stages: 378 (3 stages: 368).
+    GPU (H200, sm_90). D <= 128 (80 and 96 pad to 128): tools/sweep_attention.py, 2026-11-28 (bf16, B 4 x T 8192,
+    32 q / 8 kv heads, D 128, causal with a 4096 window; every variant passed its accuracy check), kernel ms, 8 warps
+    unless noted:
+      forward: 128 x 128, 3 stages, split: 3.655 (chosen); 128 x 128 s2 4.344; 128 x 64 s3 3.778, s4 3.911 (the
+        former default), s4 unsplit 3.898, s5 4.000; 64 x 64 x 4 warps s3 4.031. A 128-query block gives two
+        64-row warpgroups sharing each K/V tile; 32 KB of q + 3 stages x 2 x 32 KB of K/V = 224 KB of the 227 KB
+        of shared memory a block may have.
+      dQ: 128 x 64, 3 stages, split: 4.361 (chosen); s4 4.420 (former default), s4 unsplit 4.706; 128 x 128 s2
+        4.781; 128 x 32 s4 5.346; 64 x 64 x 4 warps s2 4.806.
+      dK/dV: 64 x 128, 3 stages, unsplit: 6.986 (chosen); split 7.616 (former default), split s2 7.290; 32 x 128
+        s3 8.286, s4 8.466; 64 x 64 x 4 warps s3 8.613. 128 keys per program keep dK, dV (2 x 128 x 128 fp32) in
+        registers.
+      Whole forward + backward: 15.811 ms with the three chosen in that run, 15.514 with all three unsplit;
+        a re-run (S3-4, commit after 62b19b0, the chosen set as the library default) gave 15.068 ms chosen,
+        15.391 all unsplit, 15.543 for its own per-kernel best, FlexAttention 15.935; forward 3.562 chosen vs
+        3.852 unsplit. Run-to-run spread of a whole step is ~3%, so the chosen set stays.
+    D <= 64 and D = 256: tools/bench_attention.py --sweep (bf16, B 4, T 8192, 32 q / 8 kv heads, causal) on the
+    kernels before the interior/edge split (every tile tested at run time), the backward as whole-backward TFLOP/s
+    with the other backward kernel at its default; split=True there is unmeasured (that sweep times both):
     D <= 64: forward 64 x 64, 4 warps (388 vs 383 for 128 x 64 x 8 warps); dK/dV 64 x 64, 4 warps (344 vs
       314 for 64 x 128 x 8); dQ 128 x 64, 8 warps (314).
     D = 256: the accumulators double: forward 64 x 64, 4 warps, 3 stages (431; 128 x 64 x 3 stages needs 256 KB
       of shared memory); dK/dV 64 x 64 x 8 warps x 1 stage (252; 32 x 64 x 2 stages: 220); dQ 128 x 32 (222).
-    split=True, tma=False and atomic_dq=False are unmeasured defaults: tools/sweep_attention.py times them
-    against the above (causal and window 4096, D 128) and its table decides these entries.
     Interpreter: small blocks (32 x 16) so tests with T ~ 100 cross several blocks, masks and skips.
     """
     if interp:
         return dict(fwd=KernelConfig(32, 16, 4, 1), dkdv=KernelConfig(16, 32, 4, 1), dq=KernelConfig(32, 16, 4, 1))
     if dtype == torch.float32:
         # fp32 inputs (tests, not a fast path): tiles take twice the shared memory and the ieee products run
-        # without tensor cores, so small blocks; the bf16 blocks above need up to 340 KB here (limit 227 KB).
+        # without tensor cores, so small blocks; the bf16 blocks need twice their shared memory here (the D 128
+        # forward's 224 KB would be 448 KB; limit 227 KB).
         # Unsplit: the split kernels' extra copies of the FMA-built products spill 30-80 KB per thread (ptxas -v).
         K = functools.partial(KernelConfig, split=False)
         if D <= 128:
@@ -678,8 +642,35 @@ def _config(D, interp, dtype=torch.bfloat16, docs=False):
     if D <= 64:
         return dict(fwd=KernelConfig(64, 64, 4, 3), dkdv=KernelConfig(64, 64, 4, 3), dq=KernelConfig(128, 64, 8, 3))
     if D <= 128:
-        return dict(fwd=KernelConfig(128, 64, 8, 4), dkdv=KernelConfig(64, 128, 8, 3), dq=KernelConfig(128, 64, 8, 4))
+        # the sweep's fastest of each kernel (docstring): forward 3.655 ms (was 128 x 64 s4: 3.911), dQ 4.361 (was
+        # s4: 4.420), dK/dV unsplit 6.986 (was split: 7.616)
+        return dict(fwd=KernelConfig(128, 128, 8, 3), dkdv=KernelConfig(64, 128, 8, 3, split=False),
+                    dq=KernelConfig(128, 64, 8, 3))
     return dict(fwd=KernelConfig(64, 64, 4, 3), dkdv=KernelConfig(64, 64, 8, 1), dq=KernelConfig(128, 32, 8, 2))
+
+
+# Configs for GPUs that give a block less shared memory than the tuned ones need: the D 128 forward fills 224 KB
+# of an H200's 227 KB; an A100 has 163 KB, consumer Ampere / Ada ~100 KB. These need ~50 KB (q tile + 2 stages of
+# K and V at 32 keys, or the mirror for dK/dV), and are used for a kernel, head dim and device once the tuned
+# config has raised triton's OutOfResources there (raised before launch: nothing was written).
+def _small_config(D):
+    return KernelConfig(32, 32, 4, 1, split=False) if D > 128 else KernelConfig(64, 32, 4, 2, split=False)
+
+
+_TOO_BIG = set()  # (kernel name, D, device index) whose tuned config did not fit
+
+
+def _launch(kernel, grid_of, args, q, k, sc, tables, kc):
+    """kernel[grid_of(kc)](*args) with the tuned config kc, or _small_config when kc needs more shared memory
+    than q's device has (remembered per kernel, head dim and device)."""
+    key = (kernel.fn.__name__, q.shape[3], q.device.index)
+    if key not in _TOO_BIG:
+        try:
+            return kernel[grid_of(kc)](*args, **_common(q, k, sc, tables, kc))
+        except triton.runtime.errors.OutOfResources:
+            _TOO_BIG.add(key)
+    kc = _small_config(q.shape[3])
+    return kernel[grid_of(kc)](*args, **_common(q, k, sc, tables, kc))
 
 
 def _check(q, k, v, scale, doc_ids, window, softcap):
@@ -752,28 +743,6 @@ def _scalars(D, scale, softcap, window, T):
                 W=int(window) if has_window else T, HAS_WINDOW=has_window, SOFTCAP=softcap is not None)
 
 
-def _tma_ok(*ts):
-    """Tensor descriptors need a 16-byte aligned base and 16-byte multiples for every stride but the last; the
-    per-(batch, head) views the kernels describe then are too. Otherwise the kernels load through pointers (same
-    results: TMA is a way to load, not a different computation)."""
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1]) for t in ts)
-
-
-def _launch(kernel, grid, args, kw, tma, device):
-    """kernel[grid](*args, **kw). Device-side tensor descriptors (tma) live in a global scratch buffer that Triton
-    asks `triton.set_allocator`'s allocator for at launch; the allocator is set in a copy of the caller's context,
-    so nothing outside this call changes."""
-    if not tma:
-        kernel[grid](*args, **kw)
-        return
-
-    def run():
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
-        kernel[grid](*args, **kw)
-
-    contextvars.copy_context().run(run)
-
-
 def _common(q, k, sc, tables, kc):
     """Constexpr launch arguments shared by the kernels."""
     interp = interpreting(q)
@@ -790,58 +759,38 @@ def _attention_fwd(q, k, v, scale, tables, window, softcap, cfg=None):
     B, T, Hq, D = q.shape
     kc = (cfg or _config(D, interpreting(q), q.dtype, tables is not None))["fwd"]
     sc = _scalars(D, scale, softcap, window, T)
-    tma = kc.tma and _tma_ok(k, v)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
     args = (q, k, v, o, lse, tables if tables is not None else lse, B * T,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             T, Hq, sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
-    _launch(_attn_fwd_kernel, (triton.cdiv(T, kc.block_m), B * Hq), args,
-            dict(_common(q, k, sc, tables, kc), TMA=tma), tma, q.device)
+    _launch(_attn_fwd_kernel, lambda c: (triton.cdiv(T, c.block_m), B * Hq), args, q, k, sc, tables, kc)
     return o, lse
-
-
-def _bwd_delta(o, do):
-    """delta = rowsum(dO * O) (B, Hq, T) fp32, for the atomic-dQ variant (the dQ kernel computes it otherwise)."""
-    B, T, Hq, D = o.shape
-    delta = torch.empty(B, Hq, T, device=o.device, dtype=torch.float32)
-    _attn_bwd_delta_kernel[(triton.cdiv(T, 64), B * Hq)](
-        o, do, delta, o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2), T, Hq,
-        D=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=64, num_warps=4)
-    return delta
 
 
 def _bwd_dq(do, q, k, v, o, lse, sc, tables, kc):
     """(dq, delta): the dQ kernel, which also computes and stores delta for the dK/dV kernel."""
     B, T, Hq, D = q.shape
-    tma = kc.tma and _tma_ok(k, v)
     delta = torch.empty_like(lse)
     dq = torch.empty(B, T, Hq, D, device=q.device, dtype=q.dtype)
     args = (q, k, v, do, o, lse, delta, dq, tables if tables is not None else lse, B * T,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o.stride()[:3],
             T, Hq, sc["scale"], sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
-    _launch(_attn_bwd_dq_kernel, (triton.cdiv(T, kc.block_m), B * Hq), args,
-            dict(_common(q, k, sc, tables, kc), TMA=tma), tma, q.device)
+    _launch(_attn_bwd_dq_kernel, lambda c: (triton.cdiv(T, c.block_m), B * Hq), args, q, k, sc, tables, kc)
     return dq, delta
 
 
-def _bwd_dkdv(do, q, k, v, lse, delta, sc, tables, kc, dq_acc=None):
-    """(dk, dv): the dK/dV kernel. With kc.atomic_dq it also adds scale * dS k into dq_acc (fp32 (B, T, Hq, D)
-    zeros)."""
+def _bwd_dkdv(do, q, k, v, lse, delta, sc, tables, kc):
+    """(dk, dv): the dK/dV kernel."""
     B, T, Hq, D = q.shape
     Hk = k.shape[2]
-    if kc.atomic_dq and (dq_acc is None or dq_acc.dtype != torch.float32 or not dq_acc.is_contiguous()):
-        raise ValueError("dq_acc must be a contiguous fp32 (B, T, Hq, D) tensor when atomic_dq is set")
-    tma = kc.tma and _tma_ok(q, do)
     dk = torch.empty(B, T, Hk, D, device=q.device, dtype=k.dtype)
     dv = torch.empty(B, T, Hk, D, device=q.device, dtype=v.dtype)
-    args = (q, k, v, do, lse, delta, dk, dv, dq_acc if kc.atomic_dq else lse,
-            tables if tables is not None else lse, B * T,
+    args = (q, k, v, do, lse, delta, dk, dv, tables if tables is not None else lse, B * T,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
             T, Hq, Hk, sc["scale"], sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
-    _launch(_attn_bwd_dkdv_kernel, (triton.cdiv(T, kc.block_n), B * Hk), args,
-            dict(_common(q, k, sc, tables, kc), TMA=tma, ATOMIC_DQ=kc.atomic_dq), tma, q.device)
+    _launch(_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(T, c.block_n), B * Hk), args, q, k, sc, tables, kc)
     return dk, dv
 
 
@@ -850,11 +799,6 @@ def _attention_bwd(do, q, k, v, o, lse, scale, tables, window, softcap, cfg=None
     cfg = cfg or _config(D, interpreting(q), q.dtype, tables is not None)
     sc = _scalars(D, scale, softcap, window, T)
     do = _last_contig(do)
-    if cfg["dkdv"].atomic_dq:
-        delta = _bwd_delta(o, do)
-        dq_acc = torch.zeros(B, T, Hq, D, device=q.device, dtype=torch.float32)
-        dk, dv = _bwd_dkdv(do, q, k, v, lse, delta, sc, tables, cfg["dkdv"], dq_acc)
-        return dq_acc.to(q.dtype), dk, dv
     dq, delta = _bwd_dq(do, q, k, v, o, lse, sc, tables, cfg["dq"])
     dk, dv = _bwd_dkdv(do, q, k, v, lse, delta, sc, tables, cfg["dkdv"])
     return dq, dk, dv

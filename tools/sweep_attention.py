@@ -4,11 +4,12 @@
 
 Two cases, bf16, B 4 x T 8192, 32 q / 8 kv heads, head dim 128: causal, and causal with a 4096 window. For each,
 every variant below (the library's own kernels, chosen by `KernelConfig`: block shape, warps, stages, interior/edge
-split, TMA loads, dQ by atomics) is compiled (in parallel threads, triton compiles release the GIL), checked and
-timed, kernel by kernel: the forward; the dQ kernel (which also computes delta); the dK/dV kernel, and for the
-atomic-dQ variants the whole backward (delta pass + zeroing + dK/dV/dQ kernel + conversion), which replaces both.
-Then the forward + backward of: the previous defaults (no split), the library's current `_config`, and the best
-variant of each kernel put together; and SDPA (cuDNN, flash; causal only) and FlexAttention in the same run.
+split) is compiled (in parallel threads, triton compiles release the GIL), checked and timed, kernel by kernel: the
+forward; the dQ kernel (which also computes delta); the dK/dV kernel. Then the forward + backward of: the defaults
+before the split (no split), the library's current `_config`, and the best variant of each kernel put together;
+and SDPA (cuDNN, flash; causal only) and FlexAttention in the same run. (The 2026-11-28 run, window case, chose
+`_config`'s D 128 entries; TMA loads and an atomic-dQ backward were swept then too and removed: kernels/attention.py's
+module docstring has their numbers.)
 
 Check before timing: output and gradients on batch 0, kv head 0 and its q heads (the dK/dV of one kv head needs
 only its group) against `attention_ref` in fp64; a variant passes when its max error is <= 2x the control's, the
@@ -38,46 +39,41 @@ def _modules():
 
 
 def variants(K):
-    """Candidate KernelConfigs per kernel (D 128, bf16). The first of each list is the previous default (every
-    tile tested at run time); shared-memory sizes are for the bf16 tiles."""
+    """Candidate KernelConfigs per kernel (D 128, bf16). The first of each list is the default before the split
+    (every tile tested at run time); shared-memory sizes are for the bf16 tiles. ms: the 2026-11-28 H200 run,
+    window case."""
     fwd = [
-        K(128, 64, 8, 4, split=False),
-        K(128, 64, 8, 4),              # library default: 32 KB q + 4 x 32 KB k/v
-        K(128, 64, 8, 3),
-        K(128, 64, 8, 5),              # 192 KB
-        K(128, 128, 8, 3),             # 224 KB; 128 x 128 fp32 scores: spills outside the loop only
-        K(128, 128, 8, 2),
-        K(64, 64, 4, 3),               # 112 KB, 168 registers: two programs per SM, one's softmax under the other's MMA
-        K(128, 64, 8, 4, tma=True),    # 180 registers instead of 251
-        K(128, 128, 8, 2, tma=True),
+        K(128, 64, 8, 4, split=False),  # 3.898
+        K(128, 64, 8, 4),              # 3.911, the former default: 32 KB q + 4 x 32 KB k/v
+        K(128, 64, 8, 3),              # 3.778
+        K(128, 64, 8, 5),              # 4.000; 192 KB
+        K(128, 128, 8, 3),             # 3.655, library default; 224 KB; 128 x 128 fp32 scores: spills outside the
+                                       # loop only
+        K(128, 128, 8, 2),             # 4.344
+        K(64, 64, 4, 3),               # 4.031; 112 KB, 168 registers: two programs per SM, one's softmax under the
+                                       # other's MMA
     ]
     dq = [
-        K(128, 64, 8, 4, split=False),
-        K(128, 64, 8, 4),              # library default
-        K(128, 64, 8, 3),
-        K(128, 128, 8, 2),
-        K(128, 32, 8, 4),
-        K(64, 64, 4, 2),               # 96 KB: two programs per SM
-        K(128, 64, 8, 4, tma=True),
+        K(128, 64, 8, 4, split=False),  # 4.706
+        K(128, 64, 8, 4),              # 4.420, the former default
+        K(128, 64, 8, 3),              # 4.361, library default
+        K(128, 128, 8, 2),             # 4.781
+        K(128, 32, 8, 4),              # 5.346
+        K(64, 64, 4, 2),               # 4.806; 96 KB: two programs per SM
     ]
     dkdv = [
-        K(64, 128, 8, 3, split=False),
-        K(64, 128, 8, 3),              # library default (spills 0 in the interior loop, some outside)
-        K(64, 128, 8, 2),
-        K(32, 128, 8, 3),
-        K(32, 128, 8, 4),
-        K(64, 64, 4, 3),
-        K(64, 128, 8, 3, tma=True),
-        K(64, 128, 8, 3, atomic_dq=True),
-        K(64, 128, 8, 2, atomic_dq=True),
-        K(32, 128, 8, 3, atomic_dq=True),
+        K(64, 128, 8, 3, split=False),  # 6.986, library default
+        K(64, 128, 8, 3),              # 7.616, the former default (spills 0 in the interior loop, some outside)
+        K(64, 128, 8, 2),              # 7.290
+        K(32, 128, 8, 3),              # 8.286
+        K(32, 128, 8, 4),              # 8.466
+        K(64, 64, 4, 3),               # 8.613
     ]
     return dict(fwd=fwd, dq=dq, dkdv=dkdv)
 
 
 def name(kc):
-    flags = [f for f, on in (("nosplit", not kc.split), ("tma", kc.tma), ("atomic-dq", kc.atomic_dq)) if on]
-    return f"{kc.block_m}x{kc.block_n} w{kc.warps} s{kc.stages}" + (" " + ",".join(flags) if flags else "")
+    return f"{kc.block_m}x{kc.block_n} w{kc.warps} s{kc.stages}" + ("" if kc.split else " nosplit")
 
 
 def bench(fn, setup=None, budget_ms=120.0, max_reps=40):
@@ -223,8 +219,6 @@ def run_kernel(A, case, kind, kc, base, o, lse, delta):
         return A._attention_fwd(q, k, v, None, None, case.window, None, dict(base, fwd=kc))
     if kind == "dq":
         return A._bwd_dq(do, q, k, v, o, lse, sc, None, kc)
-    if kc.atomic_dq:  # the whole backward of this variant: delta, zeros, dK/dV with dQ, conversion
-        return A._attention_bwd(do, q, k, v, o, lse, None, None, case.window, None, dict(base, dkdv=kc))
     return A._bwd_dkdv(do, q, k, v, lse, delta, sc, None, kc)
 
 
@@ -256,14 +250,14 @@ def sweep_case(A, BA, case, args):
                     elif kind == "dq":
                         got = case.slices(dq=res[0])
                     else:
-                        got = case.slices(*((None, *res) if kc.atomic_dq else (None, None, *res)))
+                        got = case.slices(None, None, *res)
                     del res
                     row["ok"], row["err_ratio"] = case.verdict(got)
                     row["ms"] = bench(lambda: run_kernel(A, case, kind, kc, base, o, lse, delta))
                 if kind == "fwd":
                     row["tflops"] = case.flops / row["ms"] / 1e9
                 else:
-                    row["bwd_ms"] = row["ms"] + (0.0 if kc.atomic_dq else other[kind])
+                    row["bwd_ms"] = row["ms"] + other[kind]
                     row["bwd_tflops"] = 2.5 * case.flops / row["bwd_ms"] / 1e9
             except Exception as e:
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
@@ -271,19 +265,16 @@ def sweep_case(A, BA, case, args):
             print(json.dumps(row), flush=True)
 
     # Forward + backward of whole configurations.
-    def best(kind, pred=lambda kc: True):
-        ok = [(r["ms"], kc) for r, kc in ((r, K(*r["cfg"])) for r in rows if r["kind"] == kind)
-              if r.get("ok") and pred(kc)]
+    def best(kind):
+        ok = [(r["ms"], K(*r["cfg"])) for r in rows if r["kind"] == kind and r.get("ok")]
         return min(ok, key=lambda x: x[0])[1] if ok else None
 
-    f_kc, q_kc = best("fwd"), best("dq")
-    kv_kc, at_kc = best("dkdv", lambda kc: not kc.atomic_dq), best("dkdv", lambda kc: kc.atomic_dq)
-    configs = [("previous default (no split)", dict(fwd=cands["fwd"][0], dq=cands["dq"][0], dkdv=cands["dkdv"][0])),
+    f_kc, q_kc, kv_kc = best("fwd"), best("dq"), best("dkdv")
+    configs = [("default before the split (no split)",
+                dict(fwd=cands["fwd"][0], dq=cands["dq"][0], dkdv=cands["dkdv"][0])),
                ("library default", base)]
     if f_kc is not None and q_kc is not None and kv_kc is not None:
-        configs.append(("best, deterministic", dict(fwd=f_kc, dq=q_kc, dkdv=kv_kc)))
-    if f_kc is not None and at_kc is not None:
-        configs.append(("best, atomic dQ", dict(fwd=f_kc, dq=base["dq"], dkdv=at_kc)))
+        configs.append(("best of each kernel", dict(fwd=f_kc, dq=q_kc, dkdv=kv_kc)))
     for label, cfg in configs:
         row = dict(case=case.label, kind="total", name=label, cfg={k_: list(v) for k_, v in cfg.items()})
         try:
@@ -323,7 +314,7 @@ def table(rows, cases):
         for kind in ("fwd", "dq", "dkdv"):
             ks = [r for r in rs if r["kind"] == kind]
             good = [r for r in ks if r.get("ok")]
-            # backward variants compare as whole backwards (an atomic-dQ row is one already)
+            # backward variants compare as whole backwards (the other kernel at the library default)
             fastest = min(good, key=lambda r: r.get("bwd_ms", r["ms"])) if good else None
             for r in ks:
                 mark = " **best**" if r is fastest else ""
