@@ -143,7 +143,7 @@ def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None, inplace=Fal
     n = g2.shape[1]
     if dg2.numel():
         lora_args, meta = fold_args(fold, g2)
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, bwd=True)
         _geglu_bwd_kernel[grid](
             dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
             dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),

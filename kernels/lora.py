@@ -157,6 +157,18 @@ def _forward_one(x2, weight, bias, A, B, s):
     return (y, None) if A is None else (y.addmm_(xa, B.t(), alpha=s), xa)
 
 
+def _adapter_grad(a, b, s, dtype):
+    """s (a @ b) in the adapter parameter's dtype (fp32 masters). On CUDA with 16-bit operands and an fp32
+    parameter, the GEMM writes fp32 directly (cuBLAS's out_dtype): no bf16 rounding of the gradient before it
+    is widened, and one kernel instead of GEMM + scale + cast (s = 1, alpha = r, needs no scale at all);
+    elsewhere the product is rounded to the operands' dtype first, as before."""
+    if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16) and dtype == torch.float32:
+        g = torch.mm(a, b, out_dtype=torch.float32)
+    else:
+        g = (a @ b).to(dtype)
+    return g if s == 1.0 else g.mul_(s)
+
+
 def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab, ab_dtypes):
     """Gradients of projections sharing the input x2 (tokens, in), from their output gradients dys.
 
@@ -180,9 +192,9 @@ def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab, ab_dty
         if need_dx:
             dx.addmm_(dyb, A, alpha=s)
         if need_ab[2 * i]:
-            grads[2 * i] = (dyb.t() @ x2).mul_(s).to(ab_dtypes[2 * i])
+            grads[2 * i] = _adapter_grad(dyb.t(), x2, s, ab_dtypes[2 * i])
         if need_ab[2 * i + 1]:
-            grads[2 * i + 1] = (dy.t() @ xas[i]).mul_(s).to(ab_dtypes[2 * i + 1])
+            grads[2 * i + 1] = _adapter_grad(dy.t(), xas[i], s, ab_dtypes[2 * i + 1])
     return dx, grads
 
 
@@ -316,11 +328,11 @@ class LoRAMLPFunction(torch.autograd.Function):
         if A_d is not None:
             # dA_d = s_d (dy B_d)^T h ;  dB_d = s_d dy^T (h A_d^T)
             if need[10]:
-                dA_d = (dyb.t() @ h).mul_(s_d).to(ctx.ab_dtypes[4])
+                dA_d = _adapter_grad(dyb.t(), h, s_d, ctx.ab_dtypes[4])
             if need[11]:
                 if ha_d is None:
                     ha_d = h @ A_d.t()
-                dB_d = (dy2.t() @ ha_d).mul_(s_d).to(ctx.ab_dtypes[5])
+                dB_d = _adapter_grad(dy2.t(), ha_d, s_d, ctx.ab_dtypes[5])
         del h
         dx, grads = _backward_shared(x2, [dg, du], ctx.weights[:2], ab[:4], [xa_g, xa_u], ctx.scales[:2],
                                      need[0], need[6:10], ctx.ab_dtypes[:4])

@@ -153,13 +153,13 @@ def _check(gate, up):
         raise ValueError(f"gate must be a floating tensor with at least one dim, got {gate.dtype} {tuple(gate.shape)}")
 
 
-def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None):
+def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None, bwd=False):
     """grid and tile for (m, n) rows: `block` elements per program (short rows share a program); the arguments
     override BLOCK and NUM_WARPS (tools/bench_kernels.py --sweep). With folded adapters the tile is FOLD_TILE
     (or `fold_tile`): tl.dot needs >= 16 rows and columns."""
     if folded:
         block_m, block_n = fold_tile or FOLD_TILE
-        num_warps = num_warps or FOLD_WARPS
+        num_warps = num_warps or (FOLD_WARPS_BWD if bwd else FOLD_WARPS_FWD)
     else:
         block = block or BLOCK
         block_n = min(triton.next_power_of_2(n), block)
@@ -168,13 +168,15 @@ def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None):
     return grid, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
 
 
-# Tile when adapters are folded in (rows x columns, warps): the low-rank product is a (32 x 16) @ (16 x 128)
-# tl.dot per tile. Swept on the H200 (2026-11-28, `python -m hare.tools.bench_kernels --sweep --only swiglu`,
-# 16384 x 14336 bf16, rank 16, 1-D grid): 32 x 128 with 8 warps is the best backward (1.00 ms, 67% of copy;
-# 64 x 64: 1.20-1.32, 64 x 128 / 32 x 256: 1.37-1.91) and within 7% of the best forward (0.59 vs 0.55 ms for
-# 64 x 64); one tile for both, so that the forward and backward compute the same g and u bit for bit.
+# Tile when adapters are folded in (rows x columns): the low-rank product is a (32 x 16) @ (16 x 128) tl.dot per
+# tile, one MMA deep (rank 16), so the forward and backward compute the same g and u whatever their warps. Swept
+# on the H200 (2026-11-28, `python -m hare.tools.bench_kernels --sweep --only swiglu`, 16384 x 14336 bf16, rank
+# 16, 1-D grid): 32 x 128 is the best backward (8 warps 1.00 ms, 67% of copy; 64 x 64: 1.20-1.32, 64 x 128 /
+# 32 x 256: 1.37-1.91) and within 7% of the best forward (0.59 vs 0.55 ms for 64 x 64). Warps per pass from
+# an 8B QLoRA step's profile (runs E3 / S3-3, 32 layers): forward 9.4 ms with 4 warps vs 10.2 with 8, backward
+# 19.0 ms with 4 vs 18.3 with 8.
 FOLD_TILE = (32, 128)
-FOLD_WARPS = 8
+FOLD_WARPS_FWD, FOLD_WARPS_BWD = 4, 8
 
 
 def fold_args(fold, ref):
@@ -236,7 +238,7 @@ def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=Non
     n = g2.shape[1]
     if dg2.numel():
         lora_args, meta = fold_args(fold, g2)
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile, bwd=True)
         _swiglu_bwd_kernel[grid](
             dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
             dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),

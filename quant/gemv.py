@@ -48,17 +48,20 @@ class GemvConfig(NamedTuple):
 
 
 # Configs by shape: the first row with N <= max_n and K <= max_k applies (None: no bound). Measured on an H200,
-# 2026-11-28, `python -m hare.tools.sweep_nf4` (copy 4275 GB/s, launch floor 5.3 us), bf16 x, each vs dequantize +
-# matmul in the same run: k/v 1024 x 4096 8.1-8.3 us vs 14.8 us (1.8x; the sweep's first k_proj baseline, 46.6 us,
-# ran while compiles were still in flight and is not used); q 4096 x 4096 15.5 us vs 27.1 us (1.76x); gate/up
-# 14336 x 4096 38.1 us vs 80.7 us (2.12x); down 4096 x 14336 41.9 us vs 90.0 us (2.15x; the previous default 51.3 us).
+# 2026-11-28, `python -m hare.tools.sweep_nf4` (run S3-4): every variant and the dequantize + matmul baseline timed
+# from CUDA graphs (C distinct weights per graph, all from HBM; graph launch floor 2.1 us), bf16 x, each checked
+# against the fp64 reference first. k/v 1024 x 4096: 5.0 us vs 10.2 us (2.05x; the former "load", no-fma config
+# 5.1 us); q/o 4096 x 4096: 12.5 us vs 21.9 us (1.76x; none of the 39 variants, 1-16 rows per program,
+# split-K 2-4, 2-3 stages, 1-8 warps, was faster than this one); down 4096 x 14336: 35.3 us vs 73.1 us (2.07x;
+# no-fma 36.8 us); gate/up 14336 x 4096: 34.7 us vs 74.8 us (2.15x). (The earlier do_bench sweep carried a 5 us host
+# launch cost in every figure.)
 GEMV_CONFIGS = (
-    (2048, None, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="load", num_stages=1,
-                            fp_fusion=False)),  # k/v
+    (2048, None, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="gather", num_stages=1,
+                            fp_fusion=True)),  # k/v
     (8192, 8192, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="gather", num_stages=1,
                             fp_fusion=True)),  # q/o
     (8192, None, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="gather", num_stages=1,
-                            fp_fusion=False)),  # down
+                            fp_fusion=True)),  # down
     (None, None, GemvConfig(block_n=2, block_k=128, num_warps=2, split_k=1, lut="gather", num_stages=1,
                             fp_fusion=True)),  # gate/up
 )

@@ -26,7 +26,8 @@ T)
   # failures printed after all lanes end
   [ -f .bench/diag.py ] && timeout 200 python3 .bench/diag.py > "$OUT/diag.log" 2>&1 &
   lane() { for f in "$@"; do
-      timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -rf "$f" > "$OUT/pytest_$(basename $f .py).log" 2>&1
+      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider --tb=short -rf ${PYTEST_K:+-k "$PYTEST_K"} "$f" \
+        > "$OUT/pytest_$(basename $f .py).log" 2>&1
     done; }
   if [ $# -gt 1 ]; then  # `T FILE...`: those files, one process each
     for f in "${@:2}"; do lane "$f" & done
@@ -47,7 +48,7 @@ K)
   ITEMS=${2:-swiglu nf4sweep nf4 attention kernels ce}
   for it in $ITEMS; do case $it in
   swiglu) timeout 120 python3 -m hare.tools.bench_kernels --sweep --only swiglu geglu --out "$OUT/sweep_glu.json" 2>&1 | tail -40 ;;
-  nf4sweep) timeout 90 python3 -m hare.tools.sweep_nf4 --out "$OUT/sweep_nf4.json" 2>&1 | tail -20 ;;
+  nf4sweep) timeout 150 python3 -m hare.tools.sweep_nf4 --budget 130 --out "$OUT/sweep_nf4.json" 2>&1 | tail -40 ;;
   nf4) timeout 150 python3 -m hare.tools.bench_nf4 --out "$OUT/bench_nf4.json" 2>&1 | tail -45 ;;
   attention) timeout 150 python3 -m hare.tools.sweep_attention --out "$OUT/sweep_attention.json" 2>&1 | tail -40 ;;
   kernels) timeout 120 python3 -m hare.tools.bench_kernels --tokens 16384 --out "$OUT/bench_kernels.json" 2>&1 | tail -20 ;;
