@@ -610,7 +610,7 @@ def _config(D, interp, dtype=torch.bfloat16, docs=False):
         s3 8.286, s4 8.466; 64 x 64 x 4 warps s3 8.613. 128 keys per program keep dK, dV (2 x 128 x 128 fp32) in
         registers.
       Whole forward + backward: 15.811 ms with the three chosen in that run, 15.514 with all three unsplit;
-        a re-run (S3-4, commit after 62b19b0, the chosen set as the library default) gave 15.068 ms chosen,
+        a re-run (S3-4, commit a9c4bd3, the chosen set as the library default) gave 15.068 ms chosen,
         15.391 all unsplit, 15.543 for its own per-kernel best, FlexAttention 15.935; forward 3.562 chosen vs
         3.852 unsplit. Run-to-run spread of a whole step is ~3%, so the chosen set stays.
     D <= 64 and D = 256: tools/bench_attention.py --sweep (bf16, B 4, T 8192, 32 q / 8 kv heads, causal) on the
