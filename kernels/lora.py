@@ -11,7 +11,10 @@ adapter A (r x in), B (out x r), scale s = alpha / r (rsLoRA: alpha / sqrt r)  [
     no dW, no db: the base is frozen.
 
 Projections sharing one input add their dx into one buffer (addmm_ into the same (tokens, in) tensor: no
-per-projection dx, no sum afterwards).
+per-projection dx, no sum afterwards). When all their adapters share a rank and a scale (q/k/v, gate/up as
+apply_lora makes them), the adapters run stacked: x [A_1; ...; A_n]^T is one GEMM (x read once, not n times), and
+in backward the (dy_i B_i)^T are row blocks of one matrix D, so that the dx term s D^T [A_i] and all the dA_i = s D x
+are one GEMM each (two passes over the (tokens, in) dx and two over x fewer per q/k/v backward).
 
 The gated MLP, with act = SwiGLU (silu(g) u) or GeGLU (gelu(g) u), whose fwd/bwd are the kernels of
 kernels/swiglu.py and kernels/geglu.py:
@@ -138,23 +141,38 @@ def lora_mlp_ref(x, gate, up, down, act):
 # Fused autograd functions
 # ---------------------------------------------------------------------------------------------------------------
 
-def _compute_dtype(ab, dt):
-    """The adapters cast once per forward to the compute dtype (fp32 masters -> bf16), and saved that way: the
-    backward then casts nothing (one copy kernel per use otherwise; the copies are r x (in + out) each)."""
-    return [None if t is None else t.to(dt) for t in ab]
+def _stacks(ab, scales):
+    """Whether the adapters of projections sharing one input run stacked: all present, one rank, one scale, one
+    dtype. Then x A^T of all of them is one GEMM against the rows of their A's stacked (x read once, not once per
+    projection), and in backward their dA's and their dx term are one GEMM each."""
+    As = ab[0::2]
+    return (len(As) > 1 and all(A is not None for A in As) and len({A.shape for A in As}) == 1
+            and len({A.dtype for A in As}) == 1 and len(set(scales)) == 1)
 
 
-def _base(x2, weight, bias, A):
-    """The base output x W^T + b and the (tokens, r) product x A^T (None without an adapter); A is already in
-    x2's dtype (_compute_dtype)."""
-    y = F.linear(x2, dense(weight, x2.dtype), bias)  # a dequantized W is a temporary, freed on return
-    return y, None if A is None else x2 @ A.t()
+def _cast_adapters(ab, dt, stack):
+    """The adapters in the compute dtype (fp32 masters -> bf16), cast once per forward and saved that way (the
+    backward then casts nothing). With `stack`, the A's are row blocks of one cast (n r, in) matrix, also
+    returned (else None)."""
+    if not stack:
+        return [None if t is None else t.to(dt) for t in ab], None
+    A_cat = torch.cat(ab[0::2]).to(dt)
+    As = A_cat.split(ab[0].shape[0])
+    return [t for A, B in zip(As, ab[1::2]) for t in (A, B.to(dt))], A_cat
 
 
-def _forward_one(x2, weight, bias, A, B, s):
-    """(tokens, out) output and the (tokens, r) product x A^T (None without an adapter)."""
-    y, xa = _base(x2, weight, bias, A)
-    return (y, None) if A is None else (y.addmm_(xa, B.t(), alpha=s), xa)
+def _products(x2, ab, A_cat):
+    """The (tokens, r) products x A_i^T (None for a projection without an adapter); with A_cat, column blocks of
+    one GEMM's output."""
+    if A_cat is not None:
+        return list((x2 @ A_cat.t()).split(ab[0].shape[0], dim=1))
+    return [None if A is None else x2 @ A.t() for A in ab[0::2]]
+
+
+def _forward_one(x2, weight, bias, xa, B, s):
+    """(tokens, out) output x W^T + b + s xa B^T; a dequantized W is a temporary, freed on return."""
+    y = F.linear(x2, dense(weight, x2.dtype), bias)
+    return y if xa is None else y.addmm_(xa, B.t(), alpha=s)
 
 
 def _adapter_grad(a, b, s, dtype):
@@ -169,24 +187,40 @@ def _adapter_grad(a, b, s, dtype):
     return g if s == 1.0 else g.mul_(s)
 
 
-def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab, ab_dtypes):
+def _backward_shared(x2, dys, weights, ab, xas, scales, need_dx, need_ab, ab_dtypes, A_cat=None):
     """Gradients of projections sharing the input x2 (tokens, in), from their output gradients dys.
 
     dx = sum_i dy_i W_i + s_i (dy_i B_i) A_i,  dA_i = s_i (dy_i B_i)^T x,  dB_i = s_i dy_i^T (x A_i^T).
     ab: the adapters in the compute dtype; ab_dtypes: their parameters' dtypes, which the gradients take.
+    A_cat (stacked adapters, _cast_adapters): the (dy_i B_i)^T are written as row blocks of one (n r, tokens)
+    matrix D, so that sum_i s (dy_i B_i) A_i = s D^T A_cat and [dA_i] = s D x are one GEMM each.
     Returns (dx or None, [dA_0, dB_0, dA_1, ...])."""
     dt = x2.dtype
     dx = None
     grads = [None] * len(ab)
     for i, dy in enumerate(dys):
-        if dy is None:
-            continue
-        A, B, s = ab[2 * i], ab[2 * i + 1], scales[i]
-        if need_dx:
+        if dy is not None and need_dx:
             W = dense(weights[i], dt)
             dx = dy @ W if dx is None else dx.addmm_(dy, W)
             del W  # a dequantized weight dies here, before the next one is made
-        if A is None:
+    if A_cat is not None and all(dy is not None for dy in dys):
+        r, s = ab[0].shape[0], scales[0]
+        D = x2.new_empty(A_cat.shape[0], x2.shape[0])
+        for i, dy in enumerate(dys):
+            torch.mm(ab[2 * i + 1].t(), dy.t(), out=D[i * r:(i + 1) * r])  # (dy_i B_i)^T
+        if need_dx:
+            dx.addmm_(D.t(), A_cat, alpha=s)
+        if any(need_ab[0::2]):
+            dA = _adapter_grad(D, x2, s, ab_dtypes[0]).split(r)
+            for i, g in enumerate(dA):
+                grads[2 * i] = g if need_ab[2 * i] else None
+        for i, dy in enumerate(dys):
+            if need_ab[2 * i + 1]:
+                grads[2 * i + 1] = _adapter_grad(dy.t(), xas[i], s, ab_dtypes[2 * i + 1])
+        return dx, grads
+    for i, dy in enumerate(dys):
+        A, B, s = ab[2 * i], ab[2 * i + 1], scales[i]
+        if dy is None or A is None:
             continue
         dyb = dy @ B  # (tokens, r)
         if need_dx:
@@ -211,28 +245,27 @@ class LoRALinearsFunction(torch.autograd.Function):
         ctx.set_materialize_grads(False)  # an unused output (e.g. no loss through v) sends None: skip it
         x2 = x.reshape(-1, x.shape[-1])
         ctx.ab_dtypes = [None if t is None else t.dtype for t in ab]
-        ab = _compute_dtype(ab, x2.dtype)
-        outs, xas = [], []
+        ab, A_cat = _cast_adapters(ab, x2.dtype, _stacks(ab, scales))
+        xas = _products(x2, ab, A_cat)  # the backward needs these even when the outputs are not computed
+        outs = []
         for i, (w, b, s) in enumerate(zip(weights, biases, scales)):
             if need_output:
-                y, xa = _forward_one(x2, w, b, ab[2 * i], ab[2 * i + 1], s)
+                y = _forward_one(x2, w, b, xas[i], ab[2 * i + 1], s)
                 outs.append(y.view(*x.shape[:-1], y.shape[-1]))
             else:
-                xa = None if ab[2 * i] is None else x2 @ ab[2 * i].t()  # _base's product without its GEMM
                 outs.append(x2.new_empty(1).expand(*x.shape[:-1], w.shape[0]))
-            xas.append(xa)
         ctx.weights, ctx.scales, ctx.x_shape = weights, scales, x.shape
-        ctx.save_for_backward(x2, *ab, *xas)
+        ctx.save_for_backward(x2, A_cat, *ab, *xas)
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *dys):
         n = len(ctx.weights)
-        x2, *rest = ctx.saved_tensors
+        x2, A_cat, *rest = ctx.saved_tensors
         ab, xas = rest[:2 * n], rest[2 * n:]
         dys = [None if dy is None else dy.reshape(-1, dy.shape[-1]) for dy in dys]
         dx, grads = _backward_shared(x2, dys, ctx.weights, ab, xas, ctx.scales, ctx.needs_input_grad[0],
-                                     ctx.needs_input_grad[5:], ctx.ab_dtypes)
+                                     ctx.needs_input_grad[5:], ctx.ab_dtypes, A_cat)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return (dx, None, None, None, None, *grads)
@@ -278,27 +311,30 @@ class LoRAMLPFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         dt = x2.dtype
         ctx.ab_dtypes = [None if t is None else t.dtype for t in ab]
-        ab = _compute_dtype(ab, dt)
+        gu, A_cat = _cast_adapters(ab[:4], dt, _stacks(ab[:4], scales[:2]))
+        ab = gu + _cast_adapters(ab[4:], dt, False)[0]
+        xa_g, xa_u = _products(x2, gu, A_cat)
         fold = None
         if _gate_up_fold(x2, ab):
             # g and u stay the base outputs; the activation kernels add their adapter terms (saved that way too)
-            g, xa_g = _base(x2, weights[0], biases[0], ab[0])
-            u, xa_u = _base(x2, weights[1], biases[1], ab[2])
+            g = _forward_one(x2, weights[0], biases[0], None, None, 0.0)
+            u = _forward_one(x2, weights[1], biases[1], None, None, 0.0)
             fold = _fold(ab, xa_g, xa_u, scales)
         else:
-            g, xa_g = _forward_one(x2, weights[0], biases[0], ab[0], ab[1], scales[0])
-            u, xa_u = _forward_one(x2, weights[1], biases[1], ab[2], ab[3], scales[1])
+            g = _forward_one(x2, weights[0], biases[0], xa_g, ab[1], scales[0])
+            u = _forward_one(x2, weights[1], biases[1], xa_u, ab[3], scales[1])
         ctx.folded = fold is not None
         if need_output:
             h = _act_fwd(act, g, u, fold)
-            y, ha_d = _forward_one(h, weights[2], biases[2], ab[4], ab[5], scales[2])
+            ha_d = _products(h, ab[4:], None)[0]
+            y = _forward_one(h, weights[2], biases[2], ha_d, ab[5], scales[2])
             del h  # recomputed in backward from g and u
         else:
             # one element broadcast to y's shape: no (tokens x hidden) allocation for a value nobody reads
             y, ha_d = x2.new_empty(1).expand(*x.shape[:-1], weights[2].shape[0]), None
         ctx.weights, ctx.scales, ctx.act, ctx.x_shape = weights, scales, act, x.shape
         ctx.consumed = False
-        ctx.save_for_backward(x2, g, u, *ab, xa_g, xa_u, ha_d)
+        ctx.save_for_backward(x2, g, u, A_cat, *ab, xa_g, xa_u, ha_d)
         return y.view(*x.shape[:-1], y.shape[-1]) if need_output else y
 
     @staticmethod
@@ -307,7 +343,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             raise RuntimeError("the fused LoRA MLP's backward ran twice: it overwrites its saved activations, so "
                                "retain_graph=True is not supported through it (use backend='ref')")
         ctx.consumed = True
-        x2, g, u, *rest = ctx.saved_tensors
+        x2, g, u, A_cat, *rest = ctx.saved_tensors
         ab, (xa_g, xa_u, ha_d) = rest[:6], rest[6:]
         A_d, B_d, s_d = ab[4], ab[5], ctx.scales[2]
         need = ctx.needs_input_grad  # 0 x, 1-5 non-tensors, 6-11 A_g B_g A_u B_u A_d B_d
@@ -335,7 +371,7 @@ class LoRAMLPFunction(torch.autograd.Function):
                 dB_d = _adapter_grad(dy2.t(), ha_d, s_d, ctx.ab_dtypes[5])
         del h
         dx, grads = _backward_shared(x2, [dg, du], ctx.weights[:2], ab[:4], [xa_g, xa_u], ctx.scales[:2],
-                                     need[0], need[6:10], ctx.ab_dtypes[:4])
+                                     need[0], need[6:10], ctx.ab_dtypes[:4], A_cat)
         if dx is not None:
             dx = dx.view(ctx.x_shape)
         return (dx, None, None, None, None, None, *grads, dA_d, dB_d)

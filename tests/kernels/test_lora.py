@@ -83,6 +83,26 @@ def test_qkv_shared_input_matches_ref(dtype, adapter_dtype):
 
 
 @pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
+def test_qkv_stacked_adapters_match_ref(dtype, adapter_dtype):
+    # every projection with an adapter of one rank and scale: x A^T, dA and the dx term run stacked (one GEMM each)
+    projections = [_proj(41, bias=True, seed=11), _proj(23, seed=12), _proj(23, seed=13)]
+    assert lora._stacks([t for p in projections for t in p[2:4]], [p[4] for p in projections])
+    x = torch.randn(3, 7, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
+    _compare(lambda x, p: lora.lora_linears(x, p, backend="triton"),
+             lambda x, p: lora.lora_linears(x, p, backend="ref"), x, projections, [41, 23, 23], dtype, adapter_dtype)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
+def test_mlp_stacked_gate_up_match_ref(act, dtype, adapter_dtype):
+    inter = 53
+    projections = [_proj(inter, seed=15), _proj(inter, bias=True, seed=16), _proj(IN, inp=inter, seed=17)]
+    x = torch.randn(2, 9, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
+    _compare(lambda x, p: lora.lora_mlp(x, *p, act=act, backend="triton"),
+             lambda x, p: lora.lora_mlp(x, *p, act=act, backend="ref"), x, projections, [IN], dtype, adapter_dtype)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
 def test_single_linear_matches_ref(dtype, adapter_dtype):
     projections = [_proj(19, seed=5)]
     x = torch.randn(11, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
