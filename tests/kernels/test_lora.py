@@ -177,6 +177,30 @@ def test_quantized_mlp_keeps_no_dequantized_weight():
     assert all(q.live() == 0 and q.calls == 2 for q in qs)
 
 
+def test_recomputed_quantized_mlp_keeps_gate_up_for_its_backward():
+    """need_output=False (checkpoint recomputation, followed at once by the backward): gate's and up's dequantized
+    weights are kept from the forward for the backward (one dequantization each, not two), down's is not (its
+    forward GEMM is skipped); all are freed by the end of the backward; gradients as with need_output=True."""
+    ps = _cast([_proj(17, seed=1), _proj(17, seed=2), _proj(IN, inp=17, seed=3)], torch.float32)
+    x = torch.randn(6, IN, device=DEVICE)
+    dy = torch.randn(6, IN, device=DEVICE)
+    grads = []
+    for need_output in (True, False):
+        qs = [CountingQuant(p[0]) for p in ps]
+        ab = [t.detach().clone().requires_grad_() for p in ps for t in p[2:4]]
+        specs = [[q, p[1], ab[2 * i], ab[2 * i + 1], p[4]] for i, (q, p) in enumerate(zip(qs, ps))]
+        x_ = x.clone().requires_grad_()
+        y = lora.lora_mlp(x_, *specs, backend="triton", need_output=need_output)
+        if not need_output:
+            assert [q.calls for q in qs] == [1, 1, 0] and [q.live() for q in qs] == [1, 1, 0]
+        y.backward(dy)
+        want_calls = [2, 2, 2] if need_output else [1, 1, 1]
+        assert [q.calls for q in qs] == want_calls and all(q.live() == 0 for q in qs)
+        grads.append([x_.grad] + [t.grad for t in ab])
+    for got, want in zip(*grads):
+        assert torch.equal(got, want)
+
+
 def test_nf4_base_gradients_equal_dense_dequantized_base():
     """QLoRA: gradients with a real NF4 base equal those with the dense dequantized weight."""
     nf4 = pytest.importorskip("hare.quant.nf4")
