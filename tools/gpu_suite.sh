@@ -4,6 +4,7 @@
 #   bash tools/gpu_suite.sh K [ITEMS]   kernel sweeps and benchmarks: swiglu nf4sweep nf4 attention kernels ce (default all)
 #   bash tools/gpu_suite.sh E   end to end, hare and the anchors in the same call (needs .anchors/ and
 #                               .whl/site.tar.xz, see ../shared/bench-anchors/README.md)
+#   bash tools/gpu_suite.sh L SYSTEM   longest batch-1 sequence of hare or unsloth_4bit under a memory cap (as E)
 # Carry: .anchors and .whl/site.tar.xz for E (the bitsandbytes wheel in .whl/ for T's bnb oracle, if wanted).
 # Results land in $OUT. Budget: T ~5 min, K ~6 min, E ~6 min (BENCHMARKS.md has the runs of 2026-11-28).
 set -u
@@ -67,4 +68,12 @@ E)
   H --ckpt /tmp/ckpt_1b --model 1b --quant 4bit --gc offload
   OUT=$OUT bash .anchors/run_anchors.sh X 90 unsloth_4bit 1b | grep -E "RESULT|rc="
   python3 .anchors/summarize.py "$R" --md ;;
+L)
+  # longest 8B QLoRA sequence at batch 1 of one system (`L unsloth_4bit` or `L hare`: one call each, a probe of
+  # Unsloth costs ~80 s with its compile), each probe its own process, under a GPU memory cap of CAP GiB
+  # (default 24, the same for both; CAP=none for the whole GPU, where steps at the limit take minutes)
+  SYS=${2:-hare}; CAP=${CAP:-24}; CAPARG=$([ "$CAP" = none ] || echo "--cap-gib $CAP")
+  [ -f /tmp/ckpt_8b/tokenizer.json ] || timeout 120 python3 .anchors/make_ckpt.py 8b /tmp/ckpt_8b
+  timeout 540 python3 -m hare.tools.longest_seq --system "$SYS" --ckpt /tmp/ckpt_8b --lo 16384 --hi 262144 \
+    --step 8192 $CAPARG --probe-timeout 150 --out "$OUT/longest.jsonl" 2>&1 | grep -E "^\{|LONGEST|holding" ;;
 esac
