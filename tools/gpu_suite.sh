@@ -6,7 +6,7 @@
 #                               .whl/site.tar.xz, see ../shared/bench-anchors/README.md)
 #   bash tools/gpu_suite.sh L SYSTEM   longest batch-1 sequence of hare or unsloth_4bit under a memory cap (as E)
 # Carry: .anchors and .whl/site.tar.xz for E (the bitsandbytes wheel in .whl/ for T's bnb oracle, if wanted).
-# Results land in $OUT. Budget: T ~5 min, K ~6 min, E ~6 min (BENCHMARKS.md has the runs of 2026-11-28).
+# Results land in $OUT. Budget: T ~5-7 min (the attention tests compile for ~4 min), K ~6 min, E ~7 min, L ~9 min.
 set -u
 PHASE=${1:-T}
 OUT=${OUT:-/tmp/hare_out}; mkdir -p "$OUT"
@@ -27,7 +27,7 @@ T)
   # failures printed after all lanes end
   [ -f .bench/diag.py ] && timeout 200 python3 .bench/diag.py > "$OUT/diag.log" 2>&1 &
   lane() { for f in "$@"; do
-      timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider --tb=short -rf ${PYTEST_K:+-k "$PYTEST_K"} "$f" \
+      timeout ${TEST_TIMEOUT:-420} python3 -m pytest -q -p no:cacheprovider --tb=short -rf ${PYTEST_K:+-k "$PYTEST_K"} "$f" \
         > "$OUT/pytest_$(basename $f .py).log" 2>&1
     done; }
   if [ $# -gt 1 ]; then  # `T FILE...`: those files, one process each
