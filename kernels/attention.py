@@ -594,7 +594,25 @@ class KernelConfig(NamedTuple):
     split: bool = True
 
 
-def _config(D, interp, dtype=torch.bfloat16, docs=False):
+# The tuned GPU configs of _config fill up to 224 KB of shared memory per block (the D 128 forward: 32 KB of q +
+# 3 stages x 2 x 32 KB of K/V), which a Hopper GPU gives a block (232448 bytes opt-in on the H100 / H200). A GPU
+# that gives less (A100: 166912 bytes; consumer Ampere / Ada: ~100 KB) would refuse to launch them, so it takes
+# SMALL_CONFIG for every kernel instead: ~50 KB (a 64-row q tile + 2 stages of 32-key K/V tiles at D 128, or the
+# mirror for dK/dV; 32-row tiles past D 128), untuned on those GPUs.
+TUNED_SMEM = 232448
+
+
+def _small_config(D):
+    K = KernelConfig(32, 32, 4, 1, split=False) if D > 128 else KernelConfig(64, 32, 4, 2, split=False)
+    return dict(fwd=K, dkdv=K, dq=K)
+
+
+def _device_smem(x):
+    """Shared memory a block may opt in to on x's device (bytes); None for CPU tensors (the interpreter)."""
+    return torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin if x.is_cuda else None
+
+
+def _config(D, interp, dtype=torch.bfloat16, docs=False, smem=None):
     """{"fwd", "dkdv", "dq"}: KernelConfig of the forward, dK/dV and dQ kernels, by head dim and case.
 
     GPU (H200, sm_90). D <= 128 (80 and 96 pad to 128): tools/sweep_attention.py, 2026-11-28 (bf16, B 4 x T 8192,
@@ -621,9 +639,12 @@ def _config(D, interp, dtype=torch.bfloat16, docs=False):
     D = 256: the accumulators double: forward 64 x 64, 4 warps, 3 stages (431; 128 x 64 x 3 stages needs 256 KB
       of shared memory); dK/dV 64 x 64 x 8 warps x 1 stage (252; 32 x 64 x 2 stages: 220); dQ 128 x 32 (222).
     Interpreter: small blocks (32 x 16) so tests with T ~ 100 cross several blocks, masks and skips.
+    smem: the device's shared memory per block (_device_smem); below TUNED_SMEM every kernel takes _small_config.
     """
     if interp:
         return dict(fwd=KernelConfig(32, 16, 4, 1), dkdv=KernelConfig(16, 32, 4, 1), dq=KernelConfig(32, 16, 4, 1))
+    if smem is not None and smem < TUNED_SMEM:
+        return _small_config(D)
     if dtype == torch.float32:
         # fp32 inputs (tests, not a fast path): tiles take twice the shared memory and the ieee products run
         # without tensor cores, so small blocks; the bf16 blocks need twice their shared memory here (the D 128
@@ -647,30 +668,6 @@ def _config(D, interp, dtype=torch.bfloat16, docs=False):
         return dict(fwd=KernelConfig(128, 128, 8, 3), dkdv=KernelConfig(64, 128, 8, 3, split=False),
                     dq=KernelConfig(128, 64, 8, 3))
     return dict(fwd=KernelConfig(64, 64, 4, 3), dkdv=KernelConfig(64, 64, 8, 1), dq=KernelConfig(128, 32, 8, 2))
-
-
-# Configs for GPUs that give a block less shared memory than the tuned ones need: the D 128 forward fills 224 KB
-# of an H200's 227 KB; an A100 has 163 KB, consumer Ampere / Ada ~100 KB. These need ~50 KB (q tile + 2 stages of
-# K and V at 32 keys, or the mirror for dK/dV), and are used for a kernel, head dim and device once the tuned
-# config has raised triton's OutOfResources there (raised before launch: nothing was written).
-def _small_config(D):
-    return KernelConfig(32, 32, 4, 1, split=False) if D > 128 else KernelConfig(64, 32, 4, 2, split=False)
-
-
-_TOO_BIG = set()  # (kernel name, D, device index) whose tuned config did not fit
-
-
-def _launch(kernel, grid_of, args, q, k, sc, tables, kc):
-    """kernel[grid_of(kc)](*args) with the tuned config kc, or _small_config when kc needs more shared memory
-    than q's device has (remembered per kernel, head dim and device)."""
-    key = (kernel.fn.__name__, q.shape[3], q.device.index)
-    if key not in _TOO_BIG:
-        try:
-            return kernel[grid_of(kc)](*args, **_common(q, k, sc, tables, kc))
-        except triton.runtime.errors.OutOfResources:
-            _TOO_BIG.add(key)
-    kc = _small_config(q.shape[3])
-    return kernel[grid_of(kc)](*args, **_common(q, k, sc, tables, kc))
 
 
 def _check(q, k, v, scale, doc_ids, window, softcap):
@@ -757,7 +754,7 @@ def _common(q, k, sc, tables, kc):
 def _attention_fwd(q, k, v, scale, tables, window, softcap, cfg=None):
     """(o, lse) with lse (B, Hq, T) fp32 in base 2. cfg: a `_config` dict (tools/sweep_attention.py passes its own)."""
     B, T, Hq, D = q.shape
-    kc = (cfg or _config(D, interpreting(q), q.dtype, tables is not None))["fwd"]
+    kc = (cfg or _config(D, interpreting(q), q.dtype, tables is not None, _device_smem(q)))["fwd"]
     sc = _scalars(D, scale, softcap, window, T)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, Hq, T, device=q.device, dtype=torch.float32)
@@ -765,7 +762,7 @@ def _attention_fwd(q, k, v, scale, tables, window, softcap, cfg=None):
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             T, Hq, sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
-    _launch(_attn_fwd_kernel, lambda c: (triton.cdiv(T, c.block_m), B * Hq), args, q, k, sc, tables, kc)
+    _attn_fwd_kernel[(triton.cdiv(T, kc.block_m), B * Hq)](*args, **_common(q, k, sc, tables, kc))
     return o, lse
 
 
@@ -777,7 +774,7 @@ def _bwd_dq(do, q, k, v, o, lse, sc, tables, kc):
     args = (q, k, v, do, o, lse, delta, dq, tables if tables is not None else lse, B * T,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3], *o.stride()[:3],
             T, Hq, sc["scale"], sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
-    _launch(_attn_bwd_dq_kernel, lambda c: (triton.cdiv(T, c.block_m), B * Hq), args, q, k, sc, tables, kc)
+    _attn_bwd_dq_kernel[(triton.cdiv(T, kc.block_m), B * Hq)](*args, **_common(q, k, sc, tables, kc))
     return dq, delta
 
 
@@ -790,13 +787,13 @@ def _bwd_dkdv(do, q, k, v, lse, delta, sc, tables, kc):
     args = (q, k, v, do, lse, delta, dk, dv, tables if tables is not None else lse, B * T,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *do.stride()[:3],
             T, Hq, Hk, sc["scale"], sc["scale_log2"], sc["cap_log2"], sc["inv_cap_scale"], sc["W"])
-    _launch(_attn_bwd_dkdv_kernel, lambda c: (triton.cdiv(T, c.block_n), B * Hk), args, q, k, sc, tables, kc)
+    _attn_bwd_dkdv_kernel[(triton.cdiv(T, kc.block_n), B * Hk)](*args, **_common(q, k, sc, tables, kc))
     return dk, dv
 
 
 def _attention_bwd(do, q, k, v, o, lse, scale, tables, window, softcap, cfg=None):
     B, T, Hq, D = q.shape
-    cfg = cfg or _config(D, interpreting(q), q.dtype, tables is not None)
+    cfg = cfg or _config(D, interpreting(q), q.dtype, tables is not None, _device_smem(q))
     sc = _scalars(D, scale, softcap, window, T)
     do = _last_contig(do)
     dq, delta = _bwd_dq(do, q, k, v, o, lse, sc, tables, cfg["dq"])

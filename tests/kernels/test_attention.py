@@ -7,11 +7,9 @@ test_launch_variants runs the launch variants that tools/sweep_attention.py may 
 shapes) through the same checks.
 """
 import importlib
-import types
 
 import pytest
 import torch
-import triton
 
 from hare.kernels.attention import attention, attention_doc_tables, attention_ref
 from tests.tolerance import assert_close_to_ref
@@ -270,31 +268,13 @@ def test_launch_variant_fp32():
     check(1, 90, 4, 2, 32, torch.float32, cfg=VARIANTS["swapped_blocks"], window=50)
 
 
-
-class _TooBigOnce:
-    """A stand-in kernel that refuses a tile as a GPU with too little shared memory would (triton raises
-    OutOfResources before launching), and records the tiles it ran."""
-
-    fn = types.SimpleNamespace(__name__="stand_in_kernel")
-
-    def __init__(self, refused_block_m):
-        self.refused, self.ran = refused_block_m, []
-
-    def __getitem__(self, grid):
-        def run(*args, **kw):
-            if kw["BLOCK_M"] == self.refused:
-                raise triton.runtime.errors.OutOfResources(232448, 232448 - 65536, "shared memory")
-            self.ran.append((grid, kw["BLOCK_M"], kw["BLOCK_N"]))
-        return run
-
-
-def test_tuned_config_too_big_for_the_device_falls_back_and_is_remembered():
-    q, k = torch.zeros(1, 70, 2, 128), torch.zeros(1, 70, 1, 128)
-    sc = A._scalars(128, None, None, None, 70)
-    kernel, tuned, small = _TooBigOnce(128), A.KernelConfig(128, 128, 8, 3), A._small_config(128)
-    A._TOO_BIG.discard(("stand_in_kernel", 128, None))
-    for _ in range(2):
-        A._launch(kernel, lambda c: (triton.cdiv(70, c.block_m), 2), (), q, k, sc, None, tuned)
-    want = ((triton.cdiv(70, small.block_m), 2), small.block_m, small.block_n)
-    assert kernel.ran == [want, want] and ("stand_in_kernel", 128, None) in A._TOO_BIG
-    A._TOO_BIG.discard(("stand_in_kernel", 128, None))
+@pytest.mark.parametrize("D", [64, 128, 256])
+def test_devices_with_less_shared_memory_take_the_small_config(D):
+    """The tuned configs need a Hopper's 227 KB of shared memory per block; an A100 (166912 bytes) or a consumer
+    GPU gets the small ones (~50 KB), the H200 the tuned ones."""
+    small, tuned = A._small_config(D), A._config(D, False, torch.bfloat16, smem=A.TUNED_SMEM)
+    for smem in (166912, 101376):
+        assert A._config(D, False, torch.bfloat16, smem=smem) == small
+        assert A._config(D, False, torch.bfloat16, docs=True, smem=smem) == small
+    assert tuned != small and A._config(D, False, torch.bfloat16) == tuned
+    assert all(c.block_m * c.block_n <= 64 * 32 and c.stages <= 2 for c in small.values())
