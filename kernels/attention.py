@@ -608,8 +608,11 @@ def _small_config(D):
 
 
 def _device_smem(x):
-    """Shared memory a block may opt in to on x's device (bytes); None for CPU tensors (the interpreter)."""
-    return torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin if x.is_cuda else None
+    """Shared memory a block may opt in to on x's device (bytes); None for CPU tensors (the interpreter) and where
+    torch does not report it (the property exists on CUDA builds since torch 2.7, pytorch PR 143226)."""
+    if not x.is_cuda:
+        return None
+    return getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", None)
 
 
 def _config(D, interp, dtype=torch.bfloat16, docs=False, smem=None):
