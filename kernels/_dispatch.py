@@ -3,6 +3,8 @@
 `backend=None` picks Triton for CUDA tensors and the pure-PyTorch `_ref` for everything else; a test may ask
 for `"triton"` on CPU tensors, which then runs under the Triton interpreter (TRITON_INTERPRET=1, set by the test).
 """
+import functools
+
 import torch
 
 BACKENDS = ("triton", "ref")
@@ -20,3 +22,17 @@ def interpreting(x: torch.Tensor) -> bool:
     """True when a Triton launch on `x` goes through the interpreter (CPU tensors). The interpreter's `tl.dot`
     on bf16 inputs returns garbage (seen with triton 3.6 and 3.9), so dot kernels upcast to fp32 there."""
     return not x.is_cuda
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device (asked once per device, not on every launch), for grids sized
+    per SM; 1 elsewhere (the interpreter runs the programs one after another)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return 1
+    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sm_count(index):
+    return torch.cuda.get_device_properties(index).multi_processor_count

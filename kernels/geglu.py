@@ -23,13 +23,13 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_backend
+from ._dispatch import pick_backend
 from ._triton import cast
 # The host side (2-D row views, the gate/up checks, the 1-D grid of tiles) is swiglu's, with the forward's own
 # tile size (FWD_BLOCK below). Measured (H200, 16384 x 14336 bf16, tanh, run S3-4): forward 0.322 ms and forward +
 # backward 0.861 ms, 104% of that run's copy measurement, equal to torch.compile of geglu_ref.
 from .swiglu import _check as _check_pair
-from .swiglu import _launch, _rows, _sigmoid_pair, bwd_buffers, fold_args, load_gate_up, tile
+from .swiglu import _sigmoid_pair, launch_bwd, launch_fwd, load_gate_up, tile
 
 APPROXIMATIONS = ("tanh", "none")
 # The forward's own tile (elements per program, warps): gelu's extra arithmetic per element hides better behind
@@ -122,36 +122,16 @@ def _check(gate, up, approximate):
 
 def geglu_fwd(gate, up, approximate, block=None, num_warps=None, fold=None):
     """gelu(gate) * up; fold: adapters added to gate and up inside the kernel (swiglu.fold_args)."""
-    n = gate.shape[-1]
-    g2, u2 = _rows(gate, n), _rows(up, n)
-    y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    y2 = y.view(-1, n)
-    if y.numel():
-        lora_args, meta = fold_args(fold, g2)
-        if fold is None:  # the folded kernel keeps swiglu's FOLD_TILE
-            block, num_warps = block or FWD_BLOCK, num_warps or FWD_WARPS
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None)
-        _geglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0),
-                                *lora_args, TANH=approximate == "tanh", INTERPRET=interpreting(y), **meta, **cfg)
-    return y
+    if fold is None:  # the folded kernel keeps swiglu's FOLD_TILE
+        block, num_warps = block or FWD_BLOCK, num_warps or FWD_WARPS
+    return launch_fwd(_geglu_fwd_kernel, gate, up, fold, block, num_warps, TANH=approximate == "tanh")
 
 
 def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None, inplace=False, fold=None):
     """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy), h = gelu(g) up; fold: see
     swiglu_bwd."""
-    dy2, g2, u2, dg2, du2, h2 = bwd_buffers(dy, gate, up, inplace)
-    n = g2.shape[1]
-    if dg2.numel():
-        lora_args, meta = fold_args(fold, g2)
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, bwd=True)
-        _geglu_bwd_kernel[grid](
-            dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
-            dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),
-            *lora_args, STORE_H=inplace, TANH=approximate == "tanh", INTERPRET=interpreting(dg2), **meta, **cfg)
-    shape = gate.shape
-    if inplace:
-        return dg2.view(shape), du2.view(shape), h2.view(shape)
-    return dg2.view(shape), du2.view(shape)
+    return launch_bwd(_geglu_bwd_kernel, dy, gate, up, inplace, fold, block, num_warps,
+                      TANH=approximate == "tanh")
 
 
 class GeGLUFunction(torch.autograd.Function):

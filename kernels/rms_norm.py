@@ -19,13 +19,11 @@ In the residual variant h feeds both y and the caller, so dx = dresidual = dh + 
 dw is reduced over rows in two stages: each backward program sums its rows into one fp32 row of a
 (programs, N) buffer, and a small kernel sums those rows in a fixed order (deterministic, no atomics).
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_backend
+from ._dispatch import interpreting, pick_backend, sm_count
 from ._triton import cast
 
 CASTINGS = ("llama", "gemma")
@@ -262,12 +260,6 @@ def rms_norm_fwd(x, weight, eps, offset, casting, residual=None, tile=None, num_
     return y, h, rstd
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index):
-    """SMs of CUDA device `index` (None: the current one), asked once, not on every backward."""
-    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index).multi_processor_count
-
-
 def _bwd_config(x, dy, dh, compute_dw, rows, num_warps, stages, programs):
     """(BLOCK_M, BLOCK_N, num_warps, stages, programs) of the backward; arguments not None override the defaults
     (tools/bench_kernels.py --sweep). Programs may exceed the row tiles: the launcher clamps them."""
@@ -291,7 +283,7 @@ def _bwd_config(x, dy, dh, compute_dw, rows, num_warps, stages, programs):
         per_stage = tile * (x.element_size() + dy.element_size() + (dh.element_size() if dh is not None else 0))
         stages = max(1, min(BWD_DW_STAGES, 1 + BWD_DW_SMEM // per_stage))
     if programs is None:
-        programs = (_sm_count(x.device.index) * max(1, BWD_DW_ELEMENTS_PER_SM // tile)
+        programs = (sm_count(x.device) * max(1, BWD_DW_ELEMENTS_PER_SM // tile)
                     if x.is_cuda else BWD_PROGRAMS_CPU)
     return block_m, block_n, warps, stages, programs
 

@@ -215,8 +215,10 @@ def bwd_buffers(dy, gate, up, inplace):
     return dy2, g2, u2, dg2, du2, dg2
 
 
-def swiglu_fwd(gate, up, block=None, num_warps=None, fold=None, fold_tile=None):
-    """silu(gate) * up; fold: adapters added to gate and up inside the kernel (see fold_args)."""
+def launch_fwd(kernel, gate, up, fold, block, num_warps, fold_tile=None, **constexprs):
+    """y = act(gate) * up through a gated activation's forward kernel (this file's or geglu.py's, which take the
+    same arguments): the row views, the folded adapters' arguments (fold_args), the tile and grid (_launch);
+    constexprs: the kernel's own (e.g. GeGLU's TANH)."""
     n = gate.shape[-1]
     g2, u2 = _rows(gate, n), _rows(up, n)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -224,9 +226,32 @@ def swiglu_fwd(gate, up, block=None, num_warps=None, fold=None, fold_tile=None):
     if y.numel():
         lora_args, meta = fold_args(fold, g2)
         grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile)
-        _swiglu_fwd_kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0),
-                                 *lora_args, INTERPRET=interpreting(y), **meta, **cfg)
+        kernel[grid](g2, u2, y2, g2.shape[0], n, g2.stride(0), u2.stride(0), y2.stride(0),
+                     *lora_args, INTERPRET=interpreting(y), **constexprs, **meta, **cfg)
     return y
+
+
+def launch_bwd(kernel, dy, gate, up, inplace, fold, block, num_warps, fold_tile=None, **constexprs):
+    """(dgate, dup), or with inplace (dgate, dup, h) over (gate, up, dy), through a gated activation's backward
+    kernel; as launch_fwd."""
+    dy2, g2, u2, dg2, du2, h2 = bwd_buffers(dy, gate, up, inplace)
+    n = g2.shape[1]
+    if dg2.numel():
+        lora_args, meta = fold_args(fold, g2)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile,
+                            bwd=True)
+        kernel[grid](dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
+                     dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),
+                     *lora_args, STORE_H=inplace, INTERPRET=interpreting(dg2), **constexprs, **meta, **cfg)
+    shape = gate.shape
+    if inplace:
+        return dg2.view(shape), du2.view(shape), h2.view(shape)
+    return dg2.view(shape), du2.view(shape)
+
+
+def swiglu_fwd(gate, up, block=None, num_warps=None, fold=None, fold_tile=None):
+    """silu(gate) * up; fold: adapters added to gate and up inside the kernel (see fold_args)."""
+    return launch_fwd(_swiglu_fwd_kernel, gate, up, fold, block, num_warps, fold_tile)
 
 
 def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=None, fold_tile=None):
@@ -235,19 +260,7 @@ def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=Non
     (the forward's output) comes out of the same pass. The inputs are consumed: the fused MLP's backward uses
     this (kernels/lora.py), where gate, up and dy are its own temporaries. fold: as in swiglu_fwd (gate and
     up are then the base outputs; the gradients are those of the full gate and up)."""
-    dy2, g2, u2, dg2, du2, h2 = bwd_buffers(dy, gate, up, inplace)
-    n = g2.shape[1]
-    if dg2.numel():
-        lora_args, meta = fold_args(fold, g2)
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile, bwd=True)
-        _swiglu_bwd_kernel[grid](
-            dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
-            dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),
-            *lora_args, STORE_H=inplace, INTERPRET=interpreting(dg2), **meta, **cfg)
-    shape = gate.shape
-    if inplace:
-        return dg2.view(shape), du2.view(shape), h2.view(shape)
-    return dg2.view(shape), du2.view(shape)
+    return launch_bwd(_swiglu_bwd_kernel, dy, gate, up, inplace, fold, block, num_warps, fold_tile)
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..kernels._dispatch import interpreting, pick_backend
+from ..kernels._dispatch import interpreting, pick_backend, sm_count
 from ..kernels._triton import cast
 
 
@@ -156,15 +156,6 @@ def absmax_buffers(w):
     if w.double_quant:
         return w.absmax, w.nested_absmax, w.nested_quant_map, w.offset
     return w.absmax, w.quant_map, w.quant_map, w.quant_map
-
-
-def sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device, for persistent grids; 1 elsewhere (the interpreter runs the
-    programs one after another, so a persistent config there just makes each program loop, as tests want)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check(w, dtype):
