@@ -220,7 +220,7 @@ class AutoCheckpointing:
             return self.checkpointing(layer, x, rope, doc_ids)
         before = allocated()
         y = layer(x, rope, doc_ids)
-        if self.layer_bytes is None:
+        if self.layer_bytes is None and (x.is_cuda or self.allocated is not None):  # the CPU has nothing to measure
             self.measured[self.tokens] = max(self.measured.get(self.tokens, 0), allocated() - before)
         self.plan["kept"].append(i)
         return y

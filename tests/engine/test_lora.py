@@ -445,11 +445,15 @@ def test_phi3_partial_fused_group_refused_in_peft_format(tmp_path):
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 @pytest.mark.parametrize("offload", [False, True])
-def test_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, backend, offload):
+def test_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, backend, offload, monkeypatch):
     """Per-layer checkpointing (with and without offload) recomputes each layer in backward, through the fused
     path without down_proj's forward (backend "triton", interpreter here): loss and every adapter gradient are
     bit-identical to the run that keeps activations."""
     from hare.engine.offload import enable_checkpointing
+    from hare.kernels import lora as K
+    need_output = []  # a spy on the MLP calls: the recomputation must ask for no output
+    lora_mlp = K.lora_mlp
+    monkeypatch.setattr(K, "lora_mlp", lambda *a, **kw: need_output.append(kw["need_output"]) or lora_mlp(*a, **kw))
     ids, labels = _batch(0)
     grads = []
     for checkpointing in (False, True):
@@ -462,18 +466,21 @@ def test_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, backend, of
         grads.append([loss.detach()] + [p.grad for p in trainable_parameters(model).values()])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+    n = len(model.model.layers)  # plain forward, checkpointed forward, then the recomputations
+    assert need_output == [True] * (2 * n) + [False] * n
 
 
 def test_auto_checkpointing_keeps_what_fits(tiny_llama):
     """Mode "auto" with a stand-in allocator (each kept layer adds `a` bytes) and a budget for one kept layer:
     layer 0 keeps its activations, layer 1 is recomputed, the report says so, and the loss and gradients equal
-    the plain run's."""
+    the plain run's, adapter dropout included (the recomputed layer replays its masks)."""
     from hare.engine.offload import AutoCheckpointing
     ids, labels = _batch(0)
     grads, hooks = [], []
     for auto in (False, True):
-        model = apply_lora(load_model(tiny_llama), r=4, alpha=8, seed=0)
+        model = apply_lora(load_model(tiny_llama), r=4, alpha=8, seed=0, dropout=0.1)
         _randomize_B(model)
+        torch.manual_seed(7)  # the same dropout masks in both runs
         n = len(model.model.layers)
         if auto:
             x_bytes = ids.numel() * model.config.hidden_size * 4
@@ -490,3 +497,20 @@ def test_auto_checkpointing_keeps_what_fits(tiny_llama):
         assert torch.equal(x, y)
     assert n == 2 and hooks[0].plan == {"kept": [0], "checkpointed": [1]}
     assert "1 of 2 layers keep their activations, 1 recomputed" in hooks[0].report()
+
+
+def test_auto_checkpointing_on_the_cpu_keeps_its_plan(tiny_llama):
+    """Without allocator statistics (CPU) the per-layer cost stays the analytic estimate: nothing is measured,
+    so a second forward of the same size makes the same choice (a measured 0 would keep every layer)."""
+    from hare.engine.offload import AutoCheckpointing
+    ids, labels = _batch(0)
+    model = apply_lora(load_model(tiny_llama), r=4, alpha=8, seed=0)
+    layers = model.model.layers
+    x_like = torch.empty(*ids.shape, model.config.hidden_size)
+    a, x_bytes = AutoCheckpointing(len(layers))._estimate(layers[0], x_like), x_like.numel() * 4
+    # on the CPU layer i needs 2 a + (layers after i) x_bytes + margin: this budget keeps layer 1 only
+    hook = AutoCheckpointing(len(layers), budget=2 * a + x_bytes // 2, margin=0)
+    model.model.run_layer = hook
+    for _ in range(2):
+        model(ids, labels=labels).loss.backward()
+        assert hook.plan == {"kept": [1], "checkpointed": [0]} and hook.measured == {}

@@ -98,7 +98,7 @@ def test_4bit_merge_is_dequantized_plus_sBA(tiny_llama):
         assert (q(ids).logits - adapted).abs().max() < 1e-5
 
 
-def test_batch1_decoding_through_the_gemv_matches_the_training_path(tiny_llama):
+def test_batch1_decoding_through_the_gemv_matches_the_training_path(tiny_llama, monkeypatch):
     """One token at a time without autograd (generation), a 4-bit model with adapters runs its projections
     through the fused 4-bit GEMV (kernels/lora.py _decoding); its logits equal those of the batched path (the
     fused functions, dequantizing whole weights) up to the order of the fp32 sums."""
@@ -109,13 +109,18 @@ def test_batch1_decoding_through_the_gemv_matches_the_training_path(tiny_llama):
             m.lora_B.weight.copy_(torch.randn(m.lora_B.weight.shape, generator=g) * 0.05)
     ids = torch.randint(0, 272, (1, 1), generator=g)
     from hare.kernels import lora as K
+    from hare.quant.linear import linear_nf4
     attn = q.model.layers[0].self_attn
     one_row = torch.zeros(1, 1, q.config.hidden_size)
+    calls = []  # a spy on the 4-bit linear the decode path calls (not a change of behaviour)
+    monkeypatch.setattr(K, "linear_nf4", lambda *a, **kw: calls.append(1) or linear_nf4(*a, **kw))
     with torch.no_grad():  # the dispatch takes the GEMV path for this input (and not with autograd on)
         assert K._decoding(one_row, (attn.q_proj, attn.k_proj, attn.v_proj))
         decoded = q(ids).logits
+    assert len(calls) == 7 * len(q.model.layers)  # every projection of every layer went through it
     assert not K._decoding(one_row, (attn.q_proj,))
     with torch.enable_grad():
         batched = q(ids).logits.detach()
+    assert len(calls) == 7 * len(q.model.layers)  # the batched path did not
     assert not torch.equal(decoded, torch.zeros_like(decoded))
     assert torch.allclose(decoded, batched, rtol=1e-5, atol=1e-5 * batched.abs().max().item())

@@ -97,6 +97,7 @@ def test_qkv_stacked_adapters_match_ref(dtype, adapter_dtype):
 def test_mlp_stacked_gate_up_match_ref(act, dtype, adapter_dtype):
     inter = 53
     projections = [_proj(inter, seed=15), _proj(inter, bias=True, seed=16), _proj(IN, inp=inter, seed=17)]
+    assert lora._stacks([t for p in projections[:2] for t in p[2:4]], [p[4] for p in projections[:2]])
     x = torch.randn(2, 9, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
     _compare(lambda x, p: lora.lora_mlp(x, *p, act=act, backend="triton"),
              lambda x, p: lora.lora_mlp(x, *p, act=act, backend="ref"), x, projections, [IN], dtype, adapter_dtype)

@@ -65,9 +65,11 @@ def test_gemv_configs_match_ref(shape, blocksize, config, dtype):
 
 
 def test_config_table_and_preconditions():
+    x, w = torch.randn(1, 64, device=DEVICE), quantize_nf4(torch.randn(2, 64, device=DEVICE))
     for _, _, config in GEMV_CONFIGS:  # a table edited after a sweep still holds valid configs
-        launch_gemv(torch.randn(1, 64, device=DEVICE), quantize_nf4(torch.randn(2, 64, device=DEVICE)),
-                    torch.empty(1, 2, device=DEVICE), config)
+        y = torch.full((1, 2), float("nan"), device=DEVICE)
+        launch_gemv(x, w, y, config)
+        assert_close_to_ref(y, gemv_nf4_ref(x.double(), w, weight_dtype=x.dtype), gemv_nf4_ref(x, w), "y", ulps=6)
     assert gemv_config(2 ** 20, 2 ** 20) == GEMV_CONFIGS[-1][2]  # the last row bounds nothing
     w = quantize_nf4(torch.randn(2, 64, device=DEVICE))
     for bad, match in [(GemvConfig(3, 8, 2), "power of 2"), (GemvConfig(2, 8, 2, lut="select"), "lut"),
