@@ -24,15 +24,18 @@ def interpreting(x: torch.Tensor) -> bool:
     return not x.is_cuda
 
 
-def sm_count(device) -> int:
-    """Streaming multiprocessors of a CUDA device (asked once per device, not on every launch), for grids sized
-    per SM; 1 elsewhere (the interpreter runs the programs one after another)."""
+def device_properties(device):
+    """torch.cuda.get_device_properties of a CUDA device, asked once per device (launchers read it per call)."""
     device = torch.device(device)
-    if device.type != "cuda":
-        return 1
-    return _cuda_sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return _cuda_properties(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @functools.lru_cache(maxsize=None)
-def _cuda_sm_count(index):
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _cuda_properties(index):
+    return torch.cuda.get_device_properties(index)
+
+
+def sm_count(device) -> int:
+    """Streaming multiprocessors of a CUDA device, for grids sized per SM; 1 elsewhere (the interpreter runs the
+    programs one after another)."""
+    return device_properties(device).multi_processor_count if torch.device(device).type == "cuda" else 1

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._dispatch import interpreting, pick_backend
+from ._dispatch import device_properties, interpreting, pick_backend
 from ._triton import cast
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -597,7 +597,7 @@ class KernelConfig(NamedTuple):
 # The tuned GPU configs of _config fill up to 224 KB of shared memory per block (the D 128 forward: 32 KB of q +
 # 3 stages x 2 x 32 KB of K/V), which a Hopper GPU gives a block (232448 bytes opt-in on the H100 / H200). A GPU
 # that gives less (A100: 166912 bytes; consumer Ampere / Ada: ~100 KB) would refuse to launch them, so it takes
-# SMALL_CONFIG for every kernel instead: ~50 KB (a 64-row q tile + 2 stages of 32-key K/V tiles at D 128, or the
+# _small_config for every kernel instead: ~50 KB (a 64-row q tile + 2 stages of 32-key K/V tiles at D 128, or the
 # mirror for dK/dV; 32-row tiles past D 128), untuned on those GPUs.
 TUNED_SMEM = 232448
 
@@ -610,9 +610,7 @@ def _small_config(D):
 def _device_smem(x):
     """Shared memory a block may opt in to on x's device (bytes); None for CPU tensors (the interpreter) and where
     torch does not report it (the property exists on CUDA builds since torch 2.7, pytorch PR 143226)."""
-    if not x.is_cuda:
-        return None
-    return getattr(torch.cuda.get_device_properties(x.device), "shared_memory_per_block_optin", None)
+    return getattr(device_properties(x.device), "shared_memory_per_block_optin", None) if x.is_cuda else None
 
 
 def _config(D, interp, dtype=torch.bfloat16, docs=False, smem=None):
@@ -749,7 +747,8 @@ def _common(q, k, sc, tables, kc):
     D = q.shape[3]
     return dict(GROUP=q.shape[2] // k.shape[2], D=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 BLOCK_M=kc.block_m, BLOCK_N=kc.block_n, HAS_WINDOW=sc["HAS_WINDOW"], HAS_DOCS=tables is not None,
-                SOFTCAP=sc["SOFTCAP"], SPLIT=kc.split, UPCAST=interp,
+                SOFTCAP=sc["SOFTCAP"], SPLIT=kc.split and tables is None,  # documents test every tile anyway
+                UPCAST=interp,
                 PREC="ieee" if q.dtype == torch.float32 else "tf32", INTERPRET=interp,
                 num_warps=kc.warps, num_stages=kc.stages)
 
@@ -808,16 +807,17 @@ class AttentionFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale, tables, window, softcap):
         q, k, v = _last_contig(q), _last_contig(k), _last_contig(v)
-        o, lse = _attention_fwd(q, k, v, scale, tables, window, softcap)
+        cfg = _config(q.shape[3], interpreting(q), q.dtype, tables is not None, _device_smem(q))
+        o, lse = _attention_fwd(q, k, v, scale, tables, window, softcap, cfg)
         ctx.save_for_backward(q, k, v, o, lse, *(() if tables is None else (tables,)))
-        ctx.args = (scale, window, softcap)
+        ctx.args = (scale, window, softcap, cfg)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, *tables = ctx.saved_tensors
-        scale, window, softcap = ctx.args
-        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, scale, tables[0] if tables else None, window, softcap)
+        scale, window, softcap, cfg = ctx.args
+        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, scale, tables[0] if tables else None, window, softcap, cfg)
         return dq, dk, dv, None, None, None, None
 
 

@@ -56,14 +56,12 @@ class GemvConfig(NamedTuple):
 # no-fma 36.8 us); gate/up 14336 x 4096: 34.7 us vs 74.8 us (2.15x). (The earlier do_bench sweep carried a 5 us host
 # launch cost in every figure.)
 GEMV_CONFIGS = (
-    (2048, None, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="gather", num_stages=1,
-                            fp_fusion=True)),  # k/v
-    (8192, 8192, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="gather", num_stages=1,
-                            fp_fusion=True)),  # q/o
+    # k/v, q/o and down (N <= 8192): 2 rows x 256 words per step, 4 warps
     (8192, None, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="gather", num_stages=1,
-                            fp_fusion=True)),  # down
+                            fp_fusion=True)),
+    # gate/up: 2 rows x 128 words, 2 warps
     (None, None, GemvConfig(block_n=2, block_k=128, num_warps=2, split_k=1, lut="gather", num_stages=1,
-                            fp_fusion=True)),  # gate/up
+                            fp_fusion=True)),
 )
 # General path (K not a multiple of the blocksize): elements per row per step.
 BLOCK_K_GENERAL = 128
