@@ -37,7 +37,6 @@ weights, ~3.6 GB at 4 bits). A capture that fails is reported with its error and
 table (3) stays as the conservative figure.
 """
 import argparse
-import functools
 import json
 import math
 import statistics
@@ -77,10 +76,8 @@ def _bnb():
 
 
 def copy_bandwidth():
-    a = torch.randn(2 ** 30, dtype=torch.bfloat16, device="cuda")  # 2 GiB
-    b = torch.empty_like(a)
-    t = _bench(lambda: b.copy_(a))
-    return 2 * a.numel() * a.element_size() / t / 1e9
+    """The steady-state copy ceiling: 2 GiB of bf16 copied (4 GiB read + written)."""
+    return copy_same_bytes(2 ** 32)
 
 
 def copy_same_bytes(moved):
@@ -158,11 +155,8 @@ def bench_gemv(F):
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         truth = gemv_nf4_ref(x.double(), q4, weight_dtype=torch.bfloat16)
 
-        def unfused():
-            return torch.nn.functional.linear(x, q4.dequantize(torch.bfloat16))
-
-        t_unfused = _bench(unfused)
-        unfused_err = ((unfused().double() - truth).norm() / truth.norm()).item()
+        t_unfused = _bench(lambda: _unfused(x, q4))
+        unfused_err = ((_unfused(x, q4).double() - truth).norm() / truth.norm()).item()
         y = gemv_nf4(x, q4)  # what decoding runs: the config of GEMV_CONFIGS for this shape
         err = ((y.double() - truth).norm() / truth.norm()).item()
         t = _bench(lambda: gemv_nf4(x, q4))
@@ -224,24 +218,48 @@ def _replay_seconds(g):
     return statistics.median(times)
 
 
+def error_line(e):
+    """One line naming an exception; a failure inside a graph capture often surfaces as capture_end's error, so
+    its first cause (the context) is named too."""
+    first = str(e).splitlines()[0][:120] if str(e) else ""
+    cause = e.__context__
+    if cause is not None:
+        first += f" (during: {type(cause).__name__}: {str(cause).splitlines()[0][:120] if str(cause) else ''})"
+    return f"{type(e).__name__}: {first}"
+
+
+def graph_weights(n, k):
+    """The distinct NF4 weights an (n, k) shape's graphs run, once each per replay: at least GRAPH_MIN_WEIGHTS and
+    GRAPH_BYTES of them (> 4x the L2 together, so each replay reads every weight from HBM)."""
+    from hare.quant import quantize_nf4
+    first = quantize_nf4(_weight((n, k), 100))
+    count = max(GRAPH_MIN_WEIGHTS, math.ceil(GRAPH_BYTES / first.nbytes()))
+    # one bf16 weight at a time (quantized, then dropped): only the 4-bit copies stay
+    return [first] + [quantize_nf4(_weight((n, k), 100 + i)) for i in range(1, count)]
+
+
+def graph_seconds(call, args):
+    """(seconds per replay, replay == direct) of a CUDA graph that runs call(*a) for every a in args, back to
+    back: _capture (warmup on a side stream, then capture); the replay's output for the last call, NaN-filled
+    first so that a replay that wrote nothing differs, is compared with a direct call once; then the median replay
+    (_replay_seconds). Raises when the capture fails. The graph and its memory pool go when this returns."""
+    g, outs = _capture(lambda: [call(*a) for a in args])
+    outs[-1].fill_(float("nan"))
+    g.replay()
+    same = torch.equal(outs[-1], call(*args[-1]))
+    return _replay_seconds(g), same
+
+
 def _graph_times(xs, weights):
     """Seconds per replay of a graph running the fused GEMV once per weight (weights[i] on xs[i]) and of one
-    running the unfused baseline, as {fused_s, unfused_s}, with {fused,unfused}_equals_direct: the replay's output
-    for the last weight equals a direct call (checked once, before timing). A side whose capture or replay fails
-    gets {side}_error instead of its time, and the other side still runs."""
+    running the unfused baseline, as {fused_s, unfused_s}, with {fused,unfused}_equals_direct. A side whose
+    capture or replay fails gets {side}_error instead of its time, and the other side still runs."""
     result = {}
     for side, call in (("fused", _fused), ("unfused", _unfused)):
         try:
-            g, outs = _capture(functools.partial(_run_all, call, xs, weights))
-            outs[-1].fill_(float("nan"))  # what the check sees below is what the replay wrote
-            g.replay()
-            result[side + "_equals_direct"] = torch.equal(outs[-1], call(xs[-1], weights[-1]))
-            result[side + "_s"] = _replay_seconds(g)
-            del g, outs  # the graph's memory pool goes before the next capture
+            result[side + "_s"], result[side + "_equals_direct"] = graph_seconds(call, list(zip(xs, weights)))
         except Exception as e:  # noqa: BLE001 - report what broke (e.g. a sync or allocation the capture refuses)
-            # a failure inside the capture often surfaces as capture_end's error; the first cause is its context
-            cause = f" (during: {type(e.__context__).__name__}: {e.__context__})" if e.__context__ else ""
-            result[side + "_error"] = f"{type(e).__name__}: {e}{cause}"
+            result[side + "_error"] = error_line(e)
             print(f"graph {side} failed: {result[side + '_error']}", file=sys.stderr)
     return result
 
@@ -261,16 +279,14 @@ def bench_decode_graph():
     from hare.quant import quantize_nf4
     results = []
     for name, (n, k) in LLAMA_8B.items():
-        first = quantize_nf4(_weight((n, k), 100))
-        count = max(GRAPH_MIN_WEIGHTS, math.ceil(GRAPH_BYTES / first.nbytes()))
-        # one bf16 weight at a time (each quantized, then dropped): only the 4-bit copies stay
-        weights = [first] + [quantize_nf4(_weight((n, k), 100 + i)) for i in range(1, count)]
+        weights = graph_weights(n, k)
+        count = len(weights)
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
         nbytes = sum(q4.nbytes() for q4 in weights)
         t = _graph_times([x] * count, weights)
         results.append({"op": "gemv_graph", "layer": name, "shape": [n, k], "weights_per_graph": count,
                         "graph_weight_MB": nbytes / 1e6, **_summary(t, count, nbytes, 1e6, "us"), **t})
-        del first, weights, x
+        del weights, x
         torch.cuda.empty_cache()  # the next shape's weights start from a clean pool
     # the whole step: x of the hidden size for q/k/v/o/gate/up, of the MLP size for down
     x_by_k = {k: torch.randn(1, k, device="cuda", dtype=torch.bfloat16) for _, k in LLAMA_8B.values()}

@@ -14,7 +14,7 @@ Times.
   sweep's pick for them unreliable; a decoder replays graphs. Per shape, C distinct NF4 weights are made once
   (C = max(32, ceil(256 MiB / weight bytes)), bench_nf4's count and seeds: together > 4x the L2, so every weight
   comes from HBM) and shared by all variants of that shape. Per variant one graph runs the variant's launch once
-  per weight, back to back (bench_nf4._capture: warmup pass on a side stream, then capture); the replay's output
+  per weight, back to back (bench_nf4.graph_seconds: warmup pass on a side stream, then capture); the replay's output
   for the last weight is compared with a direct launch (torch.equal); per call = median replay between CUDA
   events (bench_nf4._replay_seconds: 3 untimed + 20 timed replays) / C. The dequant + matmul baseline (this
   run's best dequant config, then F.linear) is timed the same way per layer: every speedup is graph vs graph.
@@ -32,7 +32,6 @@ device call's limit (tools/gpu_suite.sh runs it under `timeout 90`) even if comp
 import argparse
 import functools
 import json
-import math
 import os
 import sys
 import time
@@ -40,8 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .bench_nf4 import (DEQUANT_SHAPES, GRAPH_BYTES, GRAPH_MIN_WEIGHTS, LLAMA_8B, _capture, _num, _replay_seconds,
-                        _weight, copy_bandwidth, copy_same_bytes)
+from .bench_nf4 import (DEQUANT_SHAPES, GRAPH_MIN_WEIGHTS, LLAMA_8B, _num, _weight, copy_bandwidth, copy_same_bytes,
+                        error_line, graph_seconds, graph_weights)
 
 # the k/v projections first: their target (2x) is the one furthest from met; the first layer of each shape gets
 # the full list of variants, a repeated shape (v, o, up) only the default and that shape's best (timed again on the
@@ -55,20 +54,6 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _error(e):
-    """One line naming an exception; a failure inside a graph capture often surfaces as capture_end's error, so
-    its first cause (the context) is named too."""
-    first = str(e).splitlines()[0][:120] if str(e) else ""
-    cause = e.__context__
-    if cause is not None:
-        first += f" (during: {type(cause).__name__}: {str(cause).splitlines()[0][:120] if str(cause) else ''})"
-    return f"{type(e).__name__}: {first}"
-
-
-# (config, why). Knob meanings: quant/dequant.py docstring. Per element of the sm_90a SASS loop (offline):
-# (elements x warps) 4096x2 load 8.9 instr (66 regs), 4096x2 gather 6.6 (111 regs), 2048x2 / 4096x4 gather 7.9
-# (32 regs: full occupancy), 8192x4 gather 6.5 (95 regs), persistent + 2-3 stages gather 7.0-7.3 (40-48 regs,
-# cp.async prefetch).
 def dequant_variants():
     from hare.quant.dequant import DequantConfig as D
     return [
@@ -256,7 +241,7 @@ def sweep_dequant(clock, ceiling, rows, threads):
                     gbps = moved / sec / 1e9
                     row.update(status="ok", us=sec * 1e6, GBps=gbps, of_copy=gbps / ceiling, of_same_copy=gbps / same)
             except Exception as e:  # noqa: BLE001 - a variant that does not compile is a result, not a crash
-                row["status"] = "FAILED " + _error(e)
+                row["status"] = "FAILED " + error_line(e)
             _print_dequant(row, why)
         del q4, out, ref
         torch.cuda.empty_cache()
@@ -282,29 +267,13 @@ def best_dequant(rows):
     return min(done, key=lambda rs: sum(r["us"] for r in rs)) if done else None
 
 
-def graph_weights(n, k):
-    """The distinct NF4 weights that an (n, k) shape's graphs run, once each per replay: bench_nf4.
-    bench_decode_graph's count (> 4x the L2 together, so each replay reads every weight from HBM) and seeds."""
-    from hare.quant import quantize_nf4
-    first = quantize_nf4(_weight((n, k), 100))
-    count = max(GRAPH_MIN_WEIGHTS, math.ceil(GRAPH_BYTES / first.nbytes()))
-    # one bf16 weight at a time (quantized, then dropped): only the 4-bit copies stay
-    return [first] + [quantize_nf4(_weight((n, k), 100 + i)) for i in range(1, count)]
-
-
 def graph_seconds_per_call(call, weights):
-    """Seconds per call of call(q4) -> output, from a CUDA graph that runs it once per weight, back to back:
-    bench_nf4._capture (warmup on a side stream, then capture), then the replay's output for the last weight
-    (NaN-filled first, so a replay that wrote nothing fails) must equal a direct call, then median replay
-    (bench_nf4._replay_seconds) / len(weights). Raises when the capture fails or the replay differs. The graph
-    and its memory pool go when this returns."""
-    g, outs = _capture(lambda: [call(q4) for q4 in weights])
-    outs[-1].fill_(float("nan"))
-    g.replay()
-    direct = call(weights[-1])
-    if not torch.equal(outs[-1], direct):
+    """Seconds per call of call(q4) -> output from a CUDA graph that runs it once per weight (bench_nf4.
+    graph_seconds); raises when the replay's output differs from a direct call."""
+    seconds, same = graph_seconds(call, [(q4,) for q4 in weights])
+    if not same:
         raise RuntimeError("the graph's replay differs from a direct call")
-    return _replay_seconds(g) / len(weights)
+    return seconds / len(weights)
 
 
 def _gemv_call(gv, x, cfg, q4):
@@ -363,7 +332,7 @@ def sweep_gemv(clock, rows, deq_config, threads):
                   f"{t_unfused * 1e6:.1f} us; target <= {t_unfused * 5e5:.1f} us (2x)", flush=True)
         except Exception as e:  # noqa: BLE001 - the variants are still timed; their speedups stay empty
             t_unfused = None
-            print(f"\ngemv {layer} {n} x {k}: dequant+matmul graph FAILED {_error(e)}", flush=True)
+            print(f"\ngemv {layer} {n} x {k}: dequant+matmul graph FAILED {error_line(e)}", flush=True)
         default = gv.gemv_config(n, k)
         if (n, k) in tried:  # a repeated shape (v, o, up): the default and the best of its first layer again
             best = min((r for r in rows if r["op"] == "gemv" and tuple(r["shape"]) == (n, k)
@@ -396,7 +365,7 @@ def sweep_gemv(clock, rows, deq_config, threads):
                     row.update(status="ok", us=sec * 1e6, speedup=t_unfused / sec if t_unfused else None,
                                weight_GBps=weights[0].nbytes() / sec / 1e9)
             except Exception as e:  # noqa: BLE001
-                row["status"] = "FAILED " + _error(e)
+                row["status"] = "FAILED " + error_line(e)
             _print_gemv(row)
         del q4, x, y, wbuf
     weights = None
@@ -424,7 +393,7 @@ def graph_floor_us():
         return graph_seconds_per_call(functools.partial(_gemv_call, gv, x, gv.gemv_config(8, 64)),
                                       [tiny] * GRAPH_MIN_WEIGHTS) * 1e6
     except Exception as e:  # noqa: BLE001 - the floor is context, not a result the sweep needs
-        print(f"graph launch floor FAILED {_error(e)}", file=sys.stderr)
+        print(f"graph launch floor FAILED {error_line(e)}", file=sys.stderr)
         return None
 
 
@@ -501,8 +470,9 @@ def main(argv=None):
     report["copy_GBps"] = copy_bandwidth()
     tiny, xt = quantize_nf4(_weight((8, 64), 2)), torch.randn(1, 64, device=DEVICE, dtype=torch.bfloat16)
     yt = torch.empty(1, 8, device=DEVICE, dtype=torch.bfloat16)
-    gv.launch_gemv(xt, tiny, yt, gv.gemv_config(8, 64))
-    report["floor_us"] = _bench(lambda: gv.launch_gemv(xt, tiny, yt, gv.gemv_config(8, 64))) * 1e6
+    tiny_config = gv.gemv_config(8, 64)  # looked up once: the floor is the launch alone
+    gv.launch_gemv(xt, tiny, yt, tiny_config)
+    report["floor_us"] = _bench(lambda: gv.launch_gemv(xt, tiny, yt, tiny_config)) * 1e6
     report["graph_floor_us"] = graph_floor_us()
     print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}: copy {report['copy_GBps']:.0f} "
           f"GB/s (read+written), launch floor {report['floor_us']:.1f} us (do_bench) / "
