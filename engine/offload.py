@@ -19,6 +19,12 @@ value is never needed, only its graph, so the layer skips the GEMM whose only us
 ~27% of a Llama layer's recompute FLOPs) and the final residual add; the vjp of a sum hands dy to every branch.
 With offload the mid residual h is stashed as well and o_proj's GEMM is skipped too (another ~8%).
 
+Stashed blocks (offload only): the host link (~55 GB/s each way on the H200, measured) has room left while the
+forward runs, so a layer may also send the tensors that attention's and the MLP's backward read (q, k, v, the
+attention output and log-sum-exp; the MLP's input, gate and up) instead of rebuilding them: its recomputation
+then skips the q/k/v and gate/up GEMMs and the attention forward. StashedBlocks records those blocks' graphs in the
+forward with their saved tensors on the host, Replay runs them in the backward; _LinkPlanner picks how many fit.
+
 The layer's trainable parameters are explicit inputs of the function, so their gradients flow back as its
 outputs even when x itself needs no gradient (layer 0 under frozen embeddings).
 """
@@ -28,24 +34,35 @@ import torch
 class _Keep:
     """No offload: the input stays where it is."""
 
+    def begin_group(self):
+        return None
+
     def save(self, x):
         return x
 
     def load(self, handle):
         return handle
 
+    def release(self, group):
+        pass
+
 
 class Offloader:
-    """Layer inputs in pinned host memory, copied on a side stream, with one layer of prefetch in backward.
+    """Tensors in pinned host memory, copied on a side stream, in groups (one per checkpointed layer), with one
+    group of prefetch in backward.
 
-    Saved inputs are numbered in forward order; loading number i starts bringing back number i - 1 (the
-    previous layer's input, the next one the backward needs). On CPU tensors there is nothing to offload to: the
-    input is kept as a separate copy, so that the code path (save -> load -> recompute) is the GPU's."""
+    Groups are numbered in forward order; the first load from group g brings back all of g and starts bringing
+    back g - 1 (the previous layer's tensors, the next ones the backward needs). A fetched group stays on the
+    device until `release(g)` (the end of that layer's backward): a saved tensor may be read more than once (a
+    stashed block's output, see StashedBlocks). On CPU tensors there is nothing to offload to: they are kept as
+    separate copies, so that the code path (save -> load -> recompute) is the GPU's."""
+
+    MIN_BYTES = 1 << 20  # `pack` keeps smaller CUDA tensors by reference: not worth a transfer
 
     def __init__(self):
-        self.slots = {}      # number -> (host tensor, copy-done event or None, device)
-        self.fetched = {}    # number -> device tensor (CPU) or (device tensor, arrival event) (CUDA)
-        self.count = 0
+        self.saved = {}      # group -> [(host tensor, copy-done event or None, device)]
+        self.fetched = {}    # group -> [device tensor (CPU), or (device tensor, arrival event) (CUDA)]
+        self.group = -1
         self.stream = None
 
     def _side_stream(self, device):
@@ -53,42 +70,61 @@ class Offloader:
             self.stream = torch.cuda.Stream(device)
         return self.stream
 
+    def begin_group(self):
+        self.group += 1
+        self.saved[self.group] = []
+        return self.group
+
     def save(self, x):
-        n = self.count
-        self.count += 1
+        """Send x to the host (CUDA) or keep a copy (CPU); returns its handle (group, index)."""
+        slots = self.saved[self.group]
         if not x.is_cuda:
-            self.slots[n] = (x.detach().clone(), None, x.device)
-            return n
-        stream = self._side_stream(x.device)
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)  # torch's caching host allocator reuses these
-        stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully written before the copy reads it
-        with torch.cuda.stream(stream):
-            host.copy_(x, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(stream)
-        x.record_stream(stream)  # the allocator must not hand x's memory out before the copy has read it
-        self.slots[n] = (host, done, x.device)
-        return n
+            slots.append((x.detach().clone(), None, x.device))
+        else:
+            stream = self._side_stream(x.device)
+            # same strides: a transposed view (attention's saved output) copies as one dense block and comes back
+            # as the same view; torch's caching host allocator reuses these buffers
+            host = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, pin_memory=True)
+            stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully written before the copy reads it
+            with torch.cuda.stream(stream):
+                host.copy_(x, non_blocking=True)
+                done = torch.cuda.Event()
+                done.record(stream)
+            x.record_stream(stream)  # the allocator must not hand x's memory out before the copy has read it
+            slots.append((host, done, x.device))
+        return self.group, len(slots) - 1
 
-    def _fetch(self, n):
-        if n in self.fetched or n not in self.slots:
-            return
-        host, done, device = self.slots.pop(n)
-        if device.type != "cuda":
-            self.fetched[n] = host
-            return
-        stream = self._side_stream(device)
-        with torch.cuda.stream(stream):
-            stream.wait_event(done)
-            x = host.to(device, non_blocking=True)
-            arrived = torch.cuda.Event()
-            arrived.record(stream)
-        self.fetched[n] = (x, arrived)
+    def pack(self, t):
+        """saved_tensors_hooks' pack: big CUDA tensors go to the host; the rest are kept as they are."""
+        if t.is_cuda and t.numel() * t.element_size() < self.MIN_BYTES:
+            return t
+        return self.save(t)
 
-    def load(self, n):
-        self._fetch(n)
-        self._fetch(n - 1)  # the previous layer's input travels while this layer recomputes
-        ready = self.fetched.pop(n)
+    def unpack(self, handle):
+        return handle if isinstance(handle, torch.Tensor) else self.load(handle)
+
+    def _fetch(self, g):
+        if g in self.fetched or g not in self.saved:
+            return
+        out = []
+        for host, done, device in self.saved.pop(g):
+            if device.type != "cuda":
+                out.append(host)
+                continue
+            stream = self._side_stream(device)
+            with torch.cuda.stream(stream):
+                stream.wait_event(done)
+                x = host.to(device, non_blocking=True)
+                arrived = torch.cuda.Event()
+                arrived.record(stream)
+            out.append((x, arrived))
+        self.fetched[g] = out
+
+    def load(self, handle):
+        g, i = handle
+        self._fetch(g)
+        self._fetch(g - 1)  # the previous layer's tensors travel while this layer's backward runs
+        ready = self.fetched[g][i]
         if isinstance(ready, torch.Tensor):
             return ready
         x, arrived = ready
@@ -96,6 +132,115 @@ class Offloader:
         current.wait_event(arrived)
         x.record_stream(current)
         return x
+
+    def release(self, group):
+        self.fetched.pop(group, None)
+        self.saved.pop(group, None)
+
+
+class _Record:
+    """One stashed block: the root of its recorded graph and the starts standing for its inputs (GradientEdges:
+    nodes, not the tensors' memory), its trainable parameters, and how to rebuild its output's value."""
+
+    def __init__(self, edge, starts, params, value, meta):
+        self.edge, self.starts, self.params, self.value, self.meta = edge, starts, params, value, meta
+
+    def output(self, stash):
+        size, stride, offset, dtype, device = self.meta
+        if self.value is None:  # the value is not needed: one element broadcast to the output's shape
+            return torch.empty(1, dtype=dtype, device=device).expand(size)
+        saved = stash.load(self.value)
+        return saved.as_strided(size, stride, saved.storage_offset() + offset)
+
+
+class _Source(torch.autograd.Function):
+    """apply(anchor, x) -> x (a view) as the start of a recorded graph, without keeping x: a leaf x requiring
+    grad would be held by its gradient accumulator for as long as the graph lives (all the forward, for every
+    layer). Here only the tiny `anchor` leaf is; the gradient reaching x is read at this node's edge."""
+
+    @staticmethod
+    def forward(ctx, anchor, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return None, None
+
+
+class Replay(torch.autograd.Function):
+    """apply(record, *inputs, *params): in a recomputation, a stashed block (StashedBlocks) stands in for its
+    forward: the output is the stashed value, and the backward is the vjp of the graph recorded in the forward,
+    whose saved tensors come back from the host."""
+
+    @staticmethod
+    def forward(ctx, record, stash, *inputs):
+        ctx.record = record
+        return record.output(stash)
+
+    @staticmethod
+    def backward(ctx, grad):
+        record, ctx.record = ctx.record, None
+        wanted = record.starts + record.params
+        grads = torch.autograd.grad([record.edge], wanted, [grad], allow_unused=True)
+        return (None, None, *[g if need else None for g, need in zip(grads, ctx.needs_input_grad[2:])])
+
+
+class StashedBlocks:
+    """The decoder's `blocks` hook for one checkpointed layer: sub-blocks (by name: "self_attn" is attention from
+    the projections' outputs to the heads' output, "mlp" the whole MLP) whose saved tensors go to the host in
+    the forward instead of being recomputed in the backward.
+
+    forward:    out = blocks(name, fn, inputs, params): fn(*inputs) runs recorded (from _Source nodes standing
+                for the inputs) under saved_tensors_hooks that send every big saved tensor to the host (Offloader.pack),
+                the graph's root is kept, not the output's memory; the output's value is kept only if wanted
+                (attention's, which o_proj's backward reads), and then it is found among the tensors the graph
+                saved (attention saves its output) rather than sent twice.
+    recompute:  the same call returns Replay: the stashed value (or a placeholder), and the recorded vjp.
+    The recomputation then skips what only fed the block: for attention, q/k/v's GEMMs (LoRALinearsFunction
+    need_output=False), the rope and the attention forward; for the MLP, gate's and up's GEMMs. Same values, same
+    math: the block's backward is the one the recomputation would have built, on the tensors its forward saved."""
+
+    def __init__(self, stash, names):
+        self.stash, self.names = stash, frozenset(names)
+        self.records = {}
+        self.replay = False
+
+    def replaying(self, name) -> bool:
+        return self.replay and name in self.records
+
+    def __call__(self, name, fn, inputs, params=(), value=True, keep=()):
+        """fn(*inputs) with trainable `params`; value=False: the output's value is never read in the backward;
+        keep: tensors fn reads that stay alive anyway (the rope tables), saved by reference, not sent."""
+        if name not in self.names:
+            return fn(*inputs)
+        if self.replay:
+            return Replay.apply(self.records.pop(name), self.stash, *inputs, *params)
+        anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
+        packed = []  # (storage address, storage offset, handle) of what the graph saved: no tensor references
+        kept = {t.untyped_storage().data_ptr() for t in keep}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() in kept:
+                return t
+            h = self.stash.pack(t)
+            if not isinstance(h, torch.Tensor):
+                packed.append((t.untyped_storage().data_ptr(), t.storage_offset(), h))
+            return h
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, self.stash.unpack):
+            starts = [_Source.apply(anchor, t) for t in inputs]
+            out = fn(*starts)
+        handle, offset = None, 0
+        if value:
+            ptr = out.untyped_storage().data_ptr()
+            handle, base = next(((h, off) for p, off, h in packed if p == ptr), (None, 0))
+            if handle is None:  # the graph does not keep its output: send it as well
+                handle, base = self.stash.save(out), out.storage_offset()
+            offset = out.storage_offset() - base
+        meta = (out.size(), out.stride(), offset, out.dtype, out.device)
+        edge = torch.autograd.graph.get_gradient_edge
+        self.records[name] = _Record(edge(out), [edge(t) for t in starts], list(params), handle, meta)
+        return out.detach()
 
 
 class CheckpointFunction(torch.autograd.Function):
@@ -109,6 +254,7 @@ class CheckpointFunction(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.save_for_backward(*params)
+        ctx.group = stash.begin_group()  # stashed blocks of the forward join the same group
         with torch.no_grad():
             y, mids = layer_fns[0](x)
         ctx.handles = [stash.save(t) for t in (x, *mids)]
@@ -118,8 +264,7 @@ class CheckpointFunction(torch.autograd.Function):
     def backward(ctx, dy):
         params = ctx.saved_tensors
         need_x, need_p = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
-        # the last stashed first: with offload each load starts bringing back the one stashed before it
-        x, *mids = reversed([ctx.stash.load(h) for h in reversed(ctx.handles)])
+        x, *mids = [ctx.stash.load(h) for h in ctx.handles]
         x = x.detach().requires_grad_(need_x)
         with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad():
             torch.set_rng_state(ctx.cpu_rng)  # the same dropout masks as in the forward
@@ -128,35 +273,153 @@ class CheckpointFunction(torch.autograd.Function):
             branches = ctx.recompute(x, mids)
         wanted = ([x] if need_x else []) + [p for p, need in zip(params, need_p) if need]
         grads = list(torch.autograd.grad(branches, wanted, [dy] * len(branches), allow_unused=True))
+        ctx.stash.release(ctx.group)
         dx = grads.pop(0) if need_x else None
         return (None, None, dx, *[grads.pop(0) if need else None for need in need_p])
+
+
+class _LinkPlanner:
+    """Which layers stash attention ("auto"): as many as the host link carries while the forward runs.
+
+    Per layer the forward may send link_rate x forward_time x 0.85 bytes; the layer input and mid residual take
+    their share, and the rest goes to attention's saved tensors (q, k, v, output, log-sum-exp: at Llama-3.1-8B 20
+    KiB per token; they save the q/k/v GEMMs, the rope and the attention forward of the recomputation, ~0.9 ms per
+    layer at 8192 tokens on the H200, BENCHMARKS.md). Spare bytes carry over to the next layer, so when attention
+    does not fit every layer it goes to an evenly spread share of them. The MLP's block is not planned: its tensors
+    (input, gate, up: 72 KiB per token) save less time per byte (gate's and up's GEMMs, 2.4 ms per 0.5 GB at 8192
+    tokens, against 0.9 ms per 0.17 GB), and the backward's prefetch would hold a whole one more on the device.
+    The forward time per layer is measured (CUDA events, read at the next forward) and the minimum over the
+    forwards of one token count is used from the second one on: the first includes the kernels' compilation. The
+    link rate is measured once (a pinned 64 MiB copy)."""
+
+    HEADROOM = 0.85
+
+    def __init__(self, num_layers):
+        self.num_layers = num_layers
+        self.fwd_ms = {}      # tokens -> (minimum forward ms per layer, forwards measured)
+        self.plans = {}       # tokens -> {layer index: block names}
+        self.link = None      # bytes per ms, device to host
+        self.events = None    # (tokens, start, end) of the forward in flight
+        self.tokens = 0
+
+    @staticmethod
+    def _measure_link(device):
+        n = 64 << 20
+        src = torch.empty(n, dtype=torch.uint8, device=device)
+        dst = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+        dst.copy_(src, non_blocking=True)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        return 3 * n / start.elapsed_time(end)
+
+    def begin(self, x):
+        """At layer 0 of a forward: read the previous forward's time, start timing this one."""
+        if self.events is not None and self.events[2] is not None:
+            tokens, start, end = self.events
+            end.synchronize()  # long done: a backward and an optimizer step ran since
+            ms = start.elapsed_time(end) / self.num_layers
+            best, count = self.fwd_ms.get(tokens, (ms, 0))
+            self.fwd_ms[tokens] = (min(best, ms), count + 1)
+            self.plans.pop(tokens, None)
+        self.tokens = x.shape[:-1].numel()
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        self.events = (self.tokens, start, None)
+
+    def end(self):
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self.events = (*self.events[:2], end)
+
+    def blocks(self, layer, x):
+        if self.tokens not in self.plans:
+            self.plans[self.tokens] = self._plan(layer, x)
+        return self.plans[self.tokens].get(layer.self_attn.layer_idx, ())
+
+    def _plan(self, layer, x):
+        ms, count = self.fwd_ms.get(self.tokens, (0.0, 0))
+        if count < 2:
+            return {}
+        if self.link is None:
+            self.link = self._measure_link(x.device)
+        attn, tokens, e = layer.self_attn, self.tokens, x.element_size()
+        cost = tokens * (2 * (attn.heads + attn.kv_heads) * attn.head_dim * e + attn.heads * 4)
+        spare = self.link * ms * self.HEADROOM - 2 * tokens * x.shape[-1] * e
+        plan, credit = {}, 0.0
+        for i in range(self.num_layers):
+            credit += spare
+            if credit >= cost:
+                plan[i] = ("self_attn",)
+                credit -= cost
+        self.report = (f"attention stashed in {len(plan)} of {self.num_layers} layers (link {self.link / 1e6:.1f} "
+                       f"GB/s, forward {ms:.2f} ms per layer at {tokens} tokens)")
+        return plan
+
+
+STASH = ("auto", "none", "all")
 
 
 class LayerCheckpointing:
     """The decoder's `run_layer` hook: run_layer(layer, x, rope, doc_ids) -> the layer's output, checkpointed.
 
     With offload the layer's mid residual h (between attention and MLP) is stashed too: one more hidden-size
-    tensor per layer on the PCIe link, and the recomputation skips o_proj's GEMM (DecoderLayer.recompute).
+    tensor per layer on the PCIe link, and the recomputation skips o_proj's GEMM (DecoderLayer.recompute). And
+    blocks of the layer may be stashed instead of recomputed (StashedBlocks): stash "auto" as much as the link
+    carries during the forward (_LinkPlanner; nothing on the CPU), "all" every block of every layer, "none" none.
     On the device ("on") only x is kept, the smallest footprint."""
 
-    def __init__(self, offload: bool = False):
+    def __init__(self, offload: bool = False, stash: str = "auto", num_layers: int = None):
+        if stash not in STASH:
+            raise ValueError(f"stash must be one of {STASH}, got {stash!r}")
+        if stash == "auto" and offload and num_layers is None:
+            raise ValueError("stash='auto' needs num_layers")
         self.offload = offload
         self.stash = Offloader() if offload else _Keep()
+        self.mode = stash if offload else "none"
+        self.planner = _LinkPlanner(num_layers) if self.mode == "auto" else None
+
+    def _blocks(self, layer, x):
+        i = layer.self_attn.layer_idx
+        if self.mode == "none" or layer.sandwich:
+            return ()
+        if self.mode == "all":
+            return ("self_attn", "mlp")
+        if not x.is_cuda:
+            return ()
+        if i == 0:
+            self.planner.begin(x)
+        return self.planner.blocks(layer, x)
 
     def __call__(self, layer, x, rope, doc_ids):
         params = [p for p in layer.parameters() if p.requires_grad]
         save_mid = self.offload and not layer.sandwich
+        names = self._blocks(layer, x)
+        blocks = StashedBlocks(self.stash, names) if names else None
 
         def forward(inp):
             if save_mid:
-                y, h = layer(inp, rope, doc_ids, keep_mid=True)
+                y, h = layer(inp, rope, doc_ids, keep_mid=True, blocks=blocks)
                 return y, (h,)
             return layer(inp, rope, doc_ids), ()
 
         def recompute(inp, mids):
-            return layer.recompute(inp, rope, doc_ids, *mids)
+            if blocks is not None:
+                blocks.replay = True
+            return layer.recompute(inp, rope, doc_ids, *mids, blocks=blocks)
 
-        return CheckpointFunction.apply((forward, recompute), self.stash, x, *params)
+        y = CheckpointFunction.apply((forward, recompute), self.stash, x, *params)
+        if self.planner is not None and x.is_cuda and layer.self_attn.layer_idx == self.planner.num_layers - 1:
+            self.planner.end()
+        return y
+
+    def report(self) -> str:
+        if self.planner is None:
+            return f"checkpointing {'offload' if self.offload else 'on'}, stashed blocks: {self.mode}"
+        return f"checkpointing offload, {getattr(self.planner, 'report', 'stashed blocks: none planned yet')}"
 
 
 class AutoCheckpointing:
@@ -237,20 +500,24 @@ class AutoCheckpointing:
 MODES = ("on", "offload", "auto")
 
 
-def enable_checkpointing(model, mode: str = "on", budget_gib: float = None):
+def enable_checkpointing(model, mode: str = "on", budget_gib: float = None, stash: str = "auto"):
     """Checkpoint the decoder layers of `model`. mode "on": every layer, its input kept on the device;
     "offload": every layer, its input in pinned CPU memory; "auto": as many layers as `budget_gib` (default: the
     device's memory minus 1 GiB) allows keep their activations, the rest are checkpointed (AutoCheckpointing).
+    stash ("offload" only): which blocks of a layer send their saved tensors to the host instead of being
+    recomputed: "auto" as many as the host link carries during the forward, "all", or "none" (StashedBlocks).
     Returns the hook; `disable_checkpointing(model)` removes it."""
     if mode not in MODES:
         raise ValueError(f"checkpointing mode must be one of {MODES}, got {mode!r}")
     if budget_gib is not None and mode != "auto":
         raise ValueError("budget_gib applies to mode 'auto' only")
+    if stash != "auto" and mode != "offload":
+        raise ValueError("stash applies to mode 'offload' only")
     if mode == "auto":
         budget = None if budget_gib is None else int(budget_gib * 2**30)
         hook = AutoCheckpointing(len(model.model.layers), budget)
     else:
-        hook = LayerCheckpointing(offload=mode == "offload")
+        hook = LayerCheckpointing(offload=mode == "offload", stash=stash, num_layers=len(model.model.layers))
     model.model.run_layer = hook
     return hook
 

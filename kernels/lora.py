@@ -490,7 +490,8 @@ def linear(module, x, need_output=True):
     return lora_linears(x, [spec(module)[:5]], _backend_of([module], x), need_output)[0]
 
 
-def qkv(attn, x):
+def qkv(attn, x, need_output=True):
+    """q, k and v of one input; need_output=False: see lora_linears (only the fused path uses the hint)."""
     mods = (attn.q_proj, attn.k_proj, attn.v_proj)
     if all(is_plain(m) for m in mods):
         return tuple(m(x) for m in mods)
@@ -498,7 +499,7 @@ def qkv(attn, x):
         return tuple(linear(m, x) for m in mods)
     if _decoding(x, mods):
         return tuple(_decode_one(m, x) for m in mods)
-    return lora_linears(x, [spec(m)[:5] for m in mods], _backend_of(mods, x))
+    return lora_linears(x, [spec(m)[:5] for m in mods], _backend_of(mods, x), need_output)
 
 
 def mlp(module, x, need_output=True):

@@ -148,11 +148,30 @@ class Attention(nn.Module):
                            and cfg.layer_types[layer_idx] == "sliding_attention")
         self.rotary_dim = cfg.rotary_dim
 
-    def forward(self, x, rope, docs=None, cache=None, positions=None, need_output=True):
+    def forward(self, x, rope, docs=None, cache=None, positions=None, need_output=True, blocks=None):
         """need_output=False: the output's value is not needed, only its graph (checkpoint recomputation with
-        the layer's mid residual saved): o_proj's GEMM is skipped."""
+        the layer's mid residual saved): o_proj's GEMM is skipped. blocks: checkpointing's hook for the part
+        from the projections' outputs to the heads' output ("self_attn", engine/offload.py StashedBlocks); when
+        it replays that part, q/k/v's GEMMs are skipped too (their values are only that part's input)."""
         B, T, _ = x.shape
-        q, k, v = lora.qkv(self, x)
+        replay = blocks is not None and blocks.replaying("self_attn")
+        q, k, v = lora.qkv(self, x, need_output=not replay)
+
+        def heads(q, k, v):
+            return self._heads(q, k, v, rope, docs, cache, positions)
+
+        if blocks is None:
+            o = heads(q, k, v)
+        else:
+            o = blocks("self_attn", heads, (q, k, v), [p for p in self.parameters() if p.requires_grad],
+                       keep=rope["local" if self.local_rope else "global"])
+        o = o.reshape(B, T, self.heads * self.head_dim)
+        # the module itself when the output is wanted (a 4-bit o_proj decodes one token through the fused GEMV)
+        return self.o_proj(o) if need_output else lora.linear(self.o_proj, o, need_output=False)
+
+    def _heads(self, q, k, v, rope, docs, cache, positions):
+        """Projections' outputs (B, T, heads x head_dim) -> attention output (B, T, heads, head_dim)."""
+        B, T, _ = q.shape
         q = q.view(B, T, self.heads, self.head_dim)
         k = k.view(B, T, self.kv_heads, self.head_dim)
         v = v.view(B, T, self.kv_heads, self.head_dim)
@@ -166,13 +185,9 @@ class Attention(nn.Module):
             q_rot, k_rot = kernels.apply_rope(q[..., :r], k[..., :r], cos, sin, index)
             q, k = torch.cat([q_rot, q[..., r:]], -1), torch.cat([k_rot, k[..., r:]], -1)
         if cache is None:
-            o = attend(q, k, v, self.scale, docs, self.window, self.softcap)
-        else:
-            k_all, v_all, k_pos = cache.store(self.layer_idx, k, v)
-            o = cached_attention(q, k_all, v_all, positions, k_pos, self.scale, self.window, self.softcap)
-        o = o.reshape(B, T, self.heads * self.head_dim)
-        # the module itself when the output is wanted (a 4-bit o_proj decodes one token through the fused GEMV)
-        return self.o_proj(o) if need_output else lora.linear(self.o_proj, o, need_output=False)
+            return attend(q, k, v, self.scale, docs, self.window, self.softcap)
+        k_all, v_all, k_pos = cache.store(self.layer_idx, k, v)
+        return cached_attention(q, k_all, v_all, positions, k_pos, self.scale, self.window, self.softcap)
 
 
 class MLP(nn.Module):
@@ -199,30 +214,39 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = _norm(cfg)
             self.post_feedforward_layernorm = _norm(cfg)
 
-    def forward(self, x, rope, docs=None, cache=None, positions=None, keep_mid=False):
+    def forward(self, x, rope, docs=None, cache=None, positions=None, keep_mid=False, blocks=None):
         """The layer's output x'; keep_mid=True: (x', h) with h the residual stream between attention and MLP
-        (checkpointing may save it, see recompute)."""
-        a = self.self_attn(self.input_layernorm(x), rope, docs, cache, positions)
+        (checkpointing may save it, see recompute). blocks: checkpointing's hook around attention's heads and the
+        MLP (engine/offload.py StashedBlocks; not with sandwich norms)."""
+        a = self.self_attn(self.input_layernorm(x), rope, docs, cache, positions, blocks=blocks)
         if self.sandwich:
             n, h = self.pre_feedforward_layernorm.residual(self.post_attention_layernorm(a), x)
             y = h + self.post_feedforward_layernorm(self.mlp(n))
         else:
             n, h = self.post_attention_layernorm.residual(a, x)
-            y = h + self.mlp(n)
+            y = h + self._mlp(n, blocks)
         return (y, h) if keep_mid else y
 
-    def recompute(self, x, rope, docs=None, h=None):
+    def _mlp(self, n, blocks, need_output=True):
+        if blocks is None:
+            return self.mlp(n, need_output)
+        # the MLP's output value is never needed when it is replayed (see recompute)
+        return blocks("mlp", lambda n: self.mlp(n, need_output), (n,),
+                      [p for p in self.mlp.parameters() if p.requires_grad], value=False)
+
+    def recompute(self, x, rope, docs=None, h=None, blocks=None):
         """Checkpoint recomputation (engine/offload.py): the branches whose sum is x', as an autograd graph whose
         values are not all computed, since only the vjp is wanted and the vjp of a sum hands x's gradient to
         every branch unchanged. The MLP branch skips down_proj's GEMM (its value is never read); given the saved
         mid residual h, the attention branch skips o_proj's GEMM too, and the fused residual norm takes h as the
-        known sum (its backward is the same). With sandwich norms the MLP output feeds a norm, whose backward needs
-        its value: one branch, the full layer."""
+        known sum (its backward is the same). Blocks that `blocks` stashed in the forward are replayed, not
+        recomputed. With sandwich norms the MLP output feeds a norm, whose backward needs its value: one branch,
+        the full layer."""
         if self.sandwich:
             return (self(x, rope, docs),)
-        a = self.self_attn(self.input_layernorm(x), rope, docs, need_output=h is None)
+        a = self.self_attn(self.input_layernorm(x), rope, docs, need_output=h is None, blocks=blocks)
         n, h = self.post_attention_layernorm.residual(a, x, total=h)
-        return h, self.mlp(n, need_output=False)
+        return h, self._mlp(n, blocks, need_output=False)
 
 
 class Model(nn.Module):

@@ -83,6 +83,8 @@ def main(argv=None):
                    help="gradient checkpointing per layer: on (the anchor table), off, on with the layer inputs "
                         "offloaded to CPU, or auto (keep the activations that fit --budget-gib)")
     p.add_argument("--budget-gib", type=float, default=None, help="--gc auto: memory budget (default: the GPU's)")
+    p.add_argument("--stash", default="auto", choices=["auto", "none", "all"],
+                   help="--gc offload: blocks sent to the host instead of recomputed (engine/offload.py)")
     p.add_argument("--vocab", type=int, default=128256, help="token ids are drawn below this")
     p.add_argument("--out", required=True)
     p.add_argument("--tag", default="")
@@ -90,7 +92,8 @@ def main(argv=None):
                    help="after the timed steps, profile one more step and print the top N GPU kernels")
     args = p.parse_args(argv)
 
-    rec = dict(system=f"hare_{args.quant}", gc=args.gc, model=args.model, seq=args.seq, bs=args.bs,
+    rec = dict(system=f"hare_{args.quant}", gc=args.gc, stash=args.stash if args.gc == "offload" else None,
+               model=args.model, seq=args.seq, bs=args.bs,
                tokens_per_step=args.seq * args.bs, warmup=args.warmup, steps=args.steps, tag=args.tag,
                status="started")
     t0 = time.time()
@@ -112,7 +115,8 @@ def main(argv=None):
                         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
         hook = None
         if args.gc != "off":
-            hook = hare.enable_checkpointing(model, args.gc, args.budget_gib)
+            stash = {"stash": args.stash} if args.gc == "offload" else {}
+            hook = hare.enable_checkpointing(model, args.gc, args.budget_gib, **stash)
         sync()
         rec["load_s"] = round(time.time() - tl, 1)
         if cuda:

@@ -2,11 +2,11 @@
 # GPU work in few device calls (each fits the 10-minute limit): run from the repo root on the GPU machine.
 #   bash tools/gpu_suite.sh T [FILE...]   GPU tests (all, or the files given), one pytest process per file
 #   bash tools/gpu_suite.sh K [ITEMS]   kernel sweeps and benchmarks: swiglu nf4sweep nf4 attention kernels ce (default all)
-#   bash tools/gpu_suite.sh E   end to end, hare and the anchors in the same call (needs .anchors/ and
-#                               .whl/site.tar.xz, see ../shared/bench-anchors/README.md)
+#   bash tools/gpu_suite.sh E [ITEMS]   end to end, hare and the anchors in the same call (needs .anchors/ and
+#                               .whl/site.tar.xz, see ../shared/bench-anchors/README.md); items below
 #   bash tools/gpu_suite.sh L SYSTEM   longest batch-1 sequence of hare or unsloth_4bit under a memory cap (as E)
 # Carry: .anchors and .whl/site.tar.xz for E (the bitsandbytes wheel in .whl/ for T's bnb oracle, if wanted).
-# Results land in $OUT. Budget: T ~5-7 min (the attention tests compile for ~4 min), K ~6 min, E ~7 min, L ~9 min.
+# Results land in $OUT. Budget: T ~5-7 min (the attention tests compile for ~4 min), K ~6 min, E ~4 min per pair of items, L ~9 min.
 set -u
 PHASE=${1:-T}
 OUT=${OUT:-/tmp/hare_out}; mkdir -p "$OUT"
@@ -56,17 +56,25 @@ K)
   ce) timeout 100 python3 -m hare.tools.bench_cross_entropy --out "$OUT/bench_ce.json" 2>&1 | tail -12 ;;
   esac; done ;;
 E)
+  # end to end, hare and Unsloth in the same call, by items (default q4 b16; one call holds about two pairs):
+  #   q4 / b16: 8B QLoRA / 16-bit LoRA, 2048 x 4, hare --gc offload (stash auto) then Unsloth
+  #   long: 8B QLoRA 32768 x 1, both; 1b: 1B QLoRA, both; auto: hare --gc auto --budget-gib 36
+  #   q4none: hare 8B QLoRA offload without stashed blocks; profile: hare 8B QLoRA offload with --profile 12
   R=$OUT/results.jsonl
-  H() { timeout 120 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing auto|Error|profile:|idle gaps|^  "; }
-  [ -f /tmp/ckpt_8b/tokenizer.json ] || timeout 120 python3 .anchors/make_ckpt.py 8b /tmp/ckpt_8b
-  H --ckpt /tmp/ckpt_8b --quant 4bit --gc offload --profile 12
-  H --ckpt /tmp/ckpt_8b --quant 16bit --gc offload
-  H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36
-  OUT=$OUT bash .anchors/run_anchors.sh X 130 unsloth_4bit 8b | grep -E "RESULT|rc="
-  OUT=$OUT bash .anchors/run_anchors.sh X 130 unsloth_16bit 8b | grep -E "RESULT|rc="
-  [ -f /tmp/ckpt_1b/tokenizer.json ] || timeout 60 python3 .anchors/make_ckpt.py 1b /tmp/ckpt_1b
-  H --ckpt /tmp/ckpt_1b --model 1b --quant 4bit --gc offload
-  OUT=$OUT bash .anchors/run_anchors.sh X 90 unsloth_4bit 1b | grep -E "RESULT|rc="
+  H() { timeout 150 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing|Error|profile:|idle gaps|^  "; }
+  U() { OUT=$OUT bash .anchors/run_anchors.sh X 200 "$@" | grep -E "RESULT|rc="; }
+  ck() { [ -f /tmp/ckpt_$1/tokenizer.json ] || timeout 150 python3 .anchors/make_ckpt.py $1 /tmp/ckpt_$1; }
+  Q="--quant 4bit --gc offload"
+  for it in ${2:-q4 b16}; do case $it in
+  q4) ck 8b; H --ckpt /tmp/ckpt_8b $Q; U unsloth_4bit 8b ;;
+  b16) ck 8b; H --ckpt /tmp/ckpt_8b --quant 16bit --gc offload; U unsloth_16bit 8b ;;
+  long) ck 8b; H --ckpt /tmp/ckpt_8b $Q --seq 32768 --bs 1 --warmup 3 --steps 4
+        U unsloth_4bit 8b --seq 32768 --bs 1 --warmup 2 --steps 4 ;;
+  1b) ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q; U unsloth_4bit 1b ;;
+  auto) ck 8b; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 ;;
+  q4none) ck 8b; H --ckpt /tmp/ckpt_8b $Q --stash none ;;
+  profile) ck 8b; H --ckpt /tmp/ckpt_8b $Q --profile 12 ;;
+  esac; done
   python3 .anchors/summarize.py "$R" --md ;;
 L)
   # longest 8B QLoRA sequence at batch 1 of one system (`L unsloth_4bit` or `L hare`: one call each, a probe of

@@ -514,3 +514,58 @@ def test_auto_checkpointing_on_the_cpu_keeps_its_plan(tiny_llama):
     for _ in range(2):
         model(ids, labels=labels).loss.backward()
         assert hook.plan == {"kept": [1], "checkpointed": [0]} and hook.measured == {}
+
+
+@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dropout, monkeypatch):
+    """Offload with every block stashed (attention's heads and the MLP send their saved tensors to the host in
+    the forward and are replayed, not recomputed): loss and every adapter gradient are bit-identical to the run
+    that keeps activations, adapter dropout included, and the recomputation runs no attention and no MLP."""
+    from hare.engine.offload import enable_checkpointing
+    from hare.kernels import lora as K
+    from hare.models import decoder as D
+    calls = []  # spies: attention and MLP calls, in order
+    attend, lora_mlp = D.attend, K.lora_mlp
+    monkeypatch.setattr(D, "attend", lambda *a, **kw: calls.append("attend") or attend(*a, **kw))
+    monkeypatch.setattr(K, "lora_mlp", lambda *a, **kw: calls.append("mlp") or lora_mlp(*a, **kw))
+    ids, labels = _batch(0)
+    grads = []
+    for checkpointing in (False, True):
+        model = apply_lora(load_model(tiny_llama), r=4, alpha=8, seed=0, backend=backend, dropout=dropout)
+        _randomize_B(model)
+        torch.manual_seed(7)  # the same dropout masks in both runs
+        if checkpointing:
+            hook = enable_checkpointing(model, "offload", stash="all")
+        calls.clear()
+        loss = model(ids, labels=labels).loss
+        forward_calls = list(calls)
+        loss.backward()
+        grads.append([loss.detach()] + [p.grad for p in trainable_parameters(model).values()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    n = len(model.model.layers)
+    mlp_calls = ["mlp"] if dropout == 0 else []  # with dropout the MLP is composed of single projections
+    assert forward_calls == (["attend"] + mlp_calls) * n and calls == forward_calls  # nothing recomputed
+    assert hook.stash.saved == {} and hook.stash.fetched == {}  # every layer's group released after its backward
+
+
+def test_link_planner_spreads_what_the_link_carries():
+    """The "auto" plan: attention's saved tensors in as many layers as link x forward time (less the layer input
+    and mid residual) allows, spare bytes carried over so that a share is spread evenly."""
+    from types import SimpleNamespace as NS
+    from hare.engine.offload import _LinkPlanner
+    tokens, hidden, heads, kv, d = 100, 64, 4, 2, 16
+    layer = NS(self_attn=NS(heads=heads, kv_heads=kv, head_dim=d, layer_idx=0))
+    x = torch.empty(tokens, hidden, dtype=torch.bfloat16)
+    attn = tokens * (2 * (heads + kv) * d * 2 + heads * 4)
+    base = 2 * tokens * hidden * 2
+    planner = _LinkPlanner(num_layers=6)
+    planner.tokens, planner.link = tokens, 1.0
+    planner.fwd_ms[tokens] = (1e9, 1)
+    assert planner._plan(layer, x) == {}  # one measured forward (the compiling one): no plan yet
+    for spare, want in [(0, []), (attn // 2, [1, 3, 5]), (attn * 3 // 4, [1, 2, 3, 5]), (attn, range(6)),
+                        (10 * attn, range(6))]:
+        planner.fwd_ms[tokens] = ((spare + base + 0.5) / _LinkPlanner.HEADROOM, 2)  # + 0.5: no rounding below
+        assert planner._plan(layer, x) == {i: ("self_attn",) for i in want}, spare
+    assert "attention stashed in 6 of 6 layers" in planner.report
