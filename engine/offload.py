@@ -278,6 +278,18 @@ class CheckpointFunction(torch.autograd.Function):
         return (None, None, dx, *[grads.pop(0) if need else None for need in need_p])
 
 
+def _host_available():
+    """Bytes of host memory available now (Linux: /proc/meminfo MemAvailable); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class _LinkPlanner:
     """Which layers stash attention ("auto"): as many as the host link carries while the forward runs.
 
@@ -290,9 +302,11 @@ class _LinkPlanner:
     tokens, against 0.9 ms per 0.17 GB), and the backward's prefetch would hold a whole one more on the device.
     The forward time per layer is measured (CUDA events, read at the next forward) and the minimum over the
     forwards of one token count is used from the second one on: the first includes the kernels' compilation. The
-    link rate is measured once (a pinned 64 MiB copy)."""
+    link rate is measured once (a pinned 64 MiB copy). Pinned host memory bounds it too, at long sequences: the
+    stash of one step takes at most half of the host memory available when the plan is made."""
 
     HEADROOM = 0.85
+    HOST_SHARE = 0.5  # of the host memory available when the plan is made
 
     def __init__(self, num_layers):
         self.num_layers = num_layers
@@ -301,6 +315,7 @@ class _LinkPlanner:
         self.link = None      # bytes per ms, device to host
         self.events = None    # (tokens, start, end) of the forward in flight
         self.tokens = 0
+        self.host = None      # host bytes available for the stash (tests); None = _host_available() at each plan
 
     @staticmethod
     def _measure_link(device):
@@ -349,6 +364,12 @@ class _LinkPlanner:
         attn, tokens, e = layer.self_attn, self.tokens, x.element_size()
         cost = tokens * (2 * (attn.heads + attn.kv_heads) * attn.head_dim * e + attn.heads * 4)
         spare = self.link * ms * self.HEADROOM - 2 * tokens * x.shape[-1] * e
+        # host memory: a share of what is available now (the layer inputs' pinned buffers are already taken); a
+        # stashed layer costs up to twice its bytes there (the caching host allocator rounds each buffer up to a
+        # power of two). Fewer layers than the link allows: the same spreading, with less per layer.
+        host = self.host if self.host is not None else _host_available()
+        if host is not None:
+            spare = min(spare, cost * min(self.num_layers, host * self.HOST_SHARE // (2 * cost)) / self.num_layers)
         plan, credit = {}, 0.0
         for i in range(self.num_layers):
             credit += spare
