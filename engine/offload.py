@@ -290,6 +290,12 @@ def _host_available():
     return None
 
 
+def _device_room(device, margin=1 << 30):
+    """Device bytes above the peak so far that this process may still use (free, plus its cache), less a margin."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.max_memory_allocated(device) - margin
+
+
 class _LinkPlanner:
     """Which layers stash attention ("auto"): as many as the host link carries while the forward runs.
 
@@ -300,10 +306,12 @@ class _LinkPlanner:
     does not fit every layer it goes to an evenly spread share of them. The MLP's block is not planned: its tensors
     (input, gate, up: 72 KiB per token) save less time per byte (gate's and up's GEMMs, 2.4 ms per 0.5 GB at 8192
     tokens, against 0.9 ms per 0.17 GB), and the backward's prefetch would hold a whole one more on the device.
-    The forward time per layer is measured (CUDA events, read at the next forward) and the minimum over the
-    forwards of one token count is used from the second one on: the first includes the kernels' compilation. The
-    link rate is measured once (a pinned 64 MiB copy). Pinned host memory bounds it too, at long sequences: the
-    stash of one step takes at most half of the host memory available when the plan is made."""
+    The forward time per layer is measured in the first two forwards of a token count (CUDA events, read at the
+    next forward); the plan, made once for that token count from the third forward on, uses the smaller (the first
+    includes the kernels' compilation). The link rate is measured once (a pinned 64 MiB copy). Memory bounds it
+    too: the stash of one step takes at most half of the host memory available when the plan is made (pinned
+    buffers at long sequences), and none is planned if the device's peak so far has not room for two layers'
+    stash more (the backward's current and prefetched layer)."""
 
     HEADROOM = 0.85
     HOST_SHARE = 0.5  # of the host memory available when the plan is made
@@ -315,7 +323,8 @@ class _LinkPlanner:
         self.link = None      # bytes per ms, device to host
         self.events = None    # (tokens, start, end) of the forward in flight
         self.tokens = 0
-        self.host = None      # host bytes available for the stash (tests); None = _host_available() at each plan
+        self.host = None      # host bytes available for the stash (tests); None = _host_available() at the plan
+        self.room = None      # device bytes the stash may add to the peak (tests); None = _device_room() at the plan
 
     @staticmethod
     def _measure_link(device):
@@ -332,33 +341,38 @@ class _LinkPlanner:
         return 3 * n / start.elapsed_time(end)
 
     def begin(self, x):
-        """At layer 0 of a forward: read the previous forward's time, start timing this one."""
+        """At layer 0 of a forward: read the previous forward's time; time this one while the plan for its token
+        count is not made (two forwards: no events, no reads after that)."""
         if self.events is not None and self.events[2] is not None:
             tokens, start, end = self.events
             end.synchronize()  # long done: a backward and an optimizer step ran since
             ms = start.elapsed_time(end) / self.num_layers
             best, count = self.fwd_ms.get(tokens, (ms, 0))
             self.fwd_ms[tokens] = (min(best, ms), count + 1)
-            self.plans.pop(tokens, None)
+        self.events = None
         self.tokens = x.shape[:-1].numel()
-        start = torch.cuda.Event(enable_timing=True)
-        start.record()
-        self.events = (self.tokens, start, None)
+        if self.tokens not in self.plans and self.fwd_ms.get(self.tokens, (0, 0))[1] < 2:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.events = (self.tokens, start, None)
 
     def end(self):
-        end = torch.cuda.Event(enable_timing=True)
-        end.record()
-        self.events = (*self.events[:2], end)
+        if self.events is not None:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events = (*self.events[:2], end)
 
     def blocks(self, layer, x):
+        """The blocks layer `layer` stashes in this forward: none until two forwards of this token count are
+        timed, then the plan made once from them."""
         if self.tokens not in self.plans:
-            self.plans[self.tokens] = self._plan(layer, x)
+            ms, count = self.fwd_ms.get(self.tokens, (0.0, 0))
+            if count < 2:
+                return ()
+            self.plans[self.tokens] = self._plan(layer, x, ms)
         return self.plans[self.tokens].get(layer.self_attn.layer_idx, ())
 
-    def _plan(self, layer, x):
-        ms, count = self.fwd_ms.get(self.tokens, (0.0, 0))
-        if count < 2:
-            return {}
+    def _plan(self, layer, x, ms):
         if self.link is None:
             self.link = self._measure_link(x.device)
         attn, tokens, e = layer.self_attn, self.tokens, x.element_size()
@@ -370,6 +384,11 @@ class _LinkPlanner:
         host = self.host if self.host is not None else _host_available()
         if host is not None:
             spare = min(spare, cost * min(self.num_layers, host * self.HOST_SHARE // (2 * cost)) / self.num_layers)
+        # device memory: in the backward a stashed layer's tensors and the next one's (prefetch) are on the device
+        # at once, beside what the recomputation allocated before; no stash if the peak so far has not that room
+        room = self.room if self.room is not None else _device_room(x.device)
+        if room < 2 * cost:
+            spare = 0.0
         plan, credit = {}, 0.0
         for i in range(self.num_layers):
             credit += spare

@@ -552,8 +552,8 @@ def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dr
 
 def test_link_planner_spreads_what_the_link_carries():
     """The "auto" plan: attention's saved tensors in as many layers as link x forward time (less the layer input
-    and mid residual) allows, spare bytes carried over so that a share is spread evenly; and no more than half of
-    the host memory available holds."""
+    and mid residual) allows, spare bytes carried over so that a share is spread evenly; no more than half of the
+    host memory available holds; none without device room for two layers' stash."""
     from types import SimpleNamespace as NS
     from hare.engine.offload import _LinkPlanner
     tokens, hidden, heads, kv, d = 100, 64, 4, 2, 16
@@ -562,14 +562,16 @@ def test_link_planner_spreads_what_the_link_carries():
     attn = tokens * (2 * (heads + kv) * d * 2 + heads * 4)
     base = 2 * tokens * hidden * 2
     planner = _LinkPlanner(num_layers=6)
-    planner.tokens, planner.link, planner.host = tokens, 1.0, 1e12
+    planner.tokens, planner.link, planner.host, planner.room = tokens, 1.0, 1e12, 1e12
     planner.fwd_ms[tokens] = (1e9, 1)
-    assert planner._plan(layer, x) == {}  # one measured forward (the compiling one): no plan yet
+    assert planner.blocks(layer, x) == () and planner.plans == {}  # one timed forward (it compiled): no plan yet
     for spare, want in [(0, []), (attn // 2, [1, 3, 5]), (attn * 3 // 4, [1, 2, 3, 5]), (attn, range(6)),
                         (10 * attn, range(6))]:
-        planner.fwd_ms[tokens] = ((spare + base + 0.5) / _LinkPlanner.HEADROOM, 2)  # + 0.5: no rounding below
-        assert planner._plan(layer, x) == {i: ("self_attn",) for i in want}, spare
+        ms = (spare + base + 0.5) / _LinkPlanner.HEADROOM  # + 0.5: no rounding below
+        assert planner._plan(layer, x, ms) == {i: ("self_attn",) for i in want}, spare
     assert "attention stashed in 6 of 6 layers" in planner.report
     # host memory for 3 layers (twice the bytes each, half of what is available): every other layer, not the first 3
     planner.host = 3 * 2 * attn / _LinkPlanner.HOST_SHARE + 1
-    assert planner._plan(layer, x) == {i: ("self_attn",) for i in (1, 3, 5)}
+    assert planner._plan(layer, x, ms) == {i: ("self_attn",) for i in (1, 3, 5)}
+    planner.room = 2 * attn - 1  # the device peak has no room for two layers' stash: none
+    assert planner._plan(layer, x, ms) == {}
