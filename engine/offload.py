@@ -400,7 +400,7 @@ class _LinkPlanner:
         return plan
 
 
-STASH = ("auto", "none", "all")
+STASH = {"none": (), "all": ("self_attn", "mlp"), "attention": ("self_attn",), "mlp": ("mlp",)}
 
 
 class LayerCheckpointing:
@@ -408,13 +408,14 @@ class LayerCheckpointing:
 
     With offload the layer's mid residual h (between attention and MLP) is stashed too: one more hidden-size
     tensor per layer on the PCIe link, and the recomputation skips o_proj's GEMM (DecoderLayer.recompute). And
-    blocks of the layer may be stashed instead of recomputed (StashedBlocks): stash "auto" as much as the link
-    carries during the forward (_LinkPlanner; nothing on the CPU), "all" every block of every layer, "none" none.
-    On the device ("on") only x is kept, the smallest footprint."""
+    blocks of the layer may be stashed instead of recomputed (StashedBlocks): stash "auto" attention in as many
+    layers as the link carries during the forward (_LinkPlanner; nothing on the CPU), or in every layer the blocks
+    named by a key of STASH ("none", "all", "attention", "mlp"). On the device ("on") only x is kept, the smallest
+    footprint. Layers with sandwich norms stash nothing (their recomputation runs the whole layer)."""
 
     def __init__(self, offload: bool = False, stash: str = "auto", num_layers: int = None):
-        if stash not in STASH:
-            raise ValueError(f"stash must be one of {STASH}, got {stash!r}")
+        if stash != "auto" and stash not in STASH:
+            raise ValueError(f"stash must be 'auto' or one of {sorted(STASH)}, got {stash!r}")
         if stash == "auto" and offload and num_layers is None:
             raise ValueError("stash='auto' needs num_layers")
         self.offload = offload
@@ -423,14 +424,13 @@ class LayerCheckpointing:
         self.planner = _LinkPlanner(num_layers) if self.mode == "auto" else None
 
     def _blocks(self, layer, x):
-        i = layer.self_attn.layer_idx
-        if self.mode == "none" or layer.sandwich:
+        if layer.sandwich:
             return ()
-        if self.mode == "all":
-            return ("self_attn", "mlp")
+        if self.mode != "auto":
+            return STASH[self.mode]
         if not x.is_cuda:
             return ()
-        if i == 0:
+        if layer.self_attn.layer_idx == 0:
             self.planner.begin(x)
         return self.planner.blocks(layer, x)
 
@@ -545,7 +545,8 @@ def enable_checkpointing(model, mode: str = "on", budget_gib: float = None, stas
     "offload": every layer, its input in pinned CPU memory; "auto": as many layers as `budget_gib` (default: the
     device's memory minus 1 GiB) allows keep their activations, the rest are checkpointed (AutoCheckpointing).
     stash ("offload" only): which blocks of a layer send their saved tensors to the host instead of being
-    recomputed: "auto" as many as the host link carries during the forward, "all", or "none" (StashedBlocks).
+    recomputed: "auto" attention in as many layers as the host link carries during the forward, or "all",
+    "attention", "mlp", "none" in every layer (LayerCheckpointing, StashedBlocks).
     Returns the hook; `disable_checkpointing(model)` removes it."""
     if mode not in MODES:
         raise ValueError(f"checkpointing mode must be one of {MODES}, got {mode!r}")

@@ -83,7 +83,7 @@ def main(argv=None):
                    help="gradient checkpointing per layer: on (the anchor table), off, on with the layer inputs "
                         "offloaded to CPU, or auto (keep the activations that fit --budget-gib)")
     p.add_argument("--budget-gib", type=float, default=None, help="--gc auto: memory budget (default: the GPU's)")
-    p.add_argument("--stash", default="auto", choices=["auto", "none", "all"],
+    p.add_argument("--stash", default="auto", choices=["auto", "none", "all", "attention", "mlp"],
                    help="--gc offload: blocks sent to the host instead of recomputed (engine/offload.py)")
     p.add_argument("--vocab", type=int, default=128256, help="token ids are drawn below this")
     p.add_argument("--out", required=True)

@@ -518,17 +518,19 @@ def test_auto_checkpointing_on_the_cpu_keeps_its_plan(tiny_llama):
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dropout, monkeypatch):
-    """Offload with every block stashed (attention's heads and the MLP send their saved tensors to the host in
-    the forward and are replayed, not recomputed): loss and every adapter gradient are bit-identical to the run
-    that keeps activations, adapter dropout included, and the recomputation runs no attention and no MLP."""
+@pytest.mark.parametrize("stash", ["all", "attention", "mlp"])
+def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dropout, stash, monkeypatch):
+    """Offload with blocks stashed (attention's heads and/or the MLP send their saved tensors to the host in the
+    forward and are replayed, not recomputed): loss and every adapter gradient are bit-identical to the run that
+    keeps activations, adapter dropout included; the recomputation runs no stashed block, and an MLP it does run
+    still skips down_proj (need_output=False)."""
     from hare.engine.offload import enable_checkpointing
     from hare.kernels import lora as K
     from hare.models import decoder as D
-    calls = []  # spies: attention and MLP calls, in order
+    calls = []  # spies: attention and MLP calls, in order (the MLP's with its need_output)
     attend, lora_mlp = D.attend, K.lora_mlp
     monkeypatch.setattr(D, "attend", lambda *a, **kw: calls.append("attend") or attend(*a, **kw))
-    monkeypatch.setattr(K, "lora_mlp", lambda *a, **kw: calls.append("mlp") or lora_mlp(*a, **kw))
+    monkeypatch.setattr(K, "lora_mlp", lambda *a, **kw: calls.append(("mlp", kw["need_output"])) or lora_mlp(*a, **kw))
     ids, labels = _batch(0)
     grads = []
     for checkpointing in (False, True):
@@ -536,7 +538,7 @@ def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dr
         _randomize_B(model)
         torch.manual_seed(7)  # the same dropout masks in both runs
         if checkpointing:
-            hook = enable_checkpointing(model, "offload", stash="all")
+            hook = enable_checkpointing(model, "offload", stash=stash)
         calls.clear()
         loss = model(ids, labels=labels).loss
         forward_calls = list(calls)
@@ -545,8 +547,10 @@ def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dr
     for a, b in zip(*grads):
         assert torch.equal(a, b)
     n = len(model.model.layers)
-    mlp_calls = ["mlp"] if dropout == 0 else []  # with dropout the MLP is composed of single projections
-    assert forward_calls == (["attend"] + mlp_calls) * n and calls == forward_calls  # nothing recomputed
+    fused_mlp = dropout == 0  # with dropout the MLP is composed of single projections, not lora_mlp
+    assert forward_calls == (["attend"] + [("mlp", True)] * fused_mlp) * n
+    recomputed = (["attend"] * (stash == "mlp") + [("mlp", False)] * (fused_mlp and stash == "attention")) * n
+    assert calls[len(forward_calls):] == recomputed
     assert hook.stash.saved == {} and hook.stash.fetched == {}  # every layer's group released after its backward
 
 
