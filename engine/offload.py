@@ -243,6 +243,21 @@ class StashedBlocks:
         return out.detach()
 
 
+class _Group:
+    """A layer's group in the stash, released at the end of its backward, or when its graph is dropped without
+    one (a forward whose loss is discarded): the group lives in the function's context, so a discarded graph takes
+    its host buffers with it."""
+
+    def __init__(self, stash):
+        self.stash, self.id = stash, stash.begin_group()
+
+    def release(self):
+        self.stash.release(self.id)
+
+    def __del__(self):
+        self.release()
+
+
 class CheckpointFunction(torch.autograd.Function):
     """apply(layer_fns, stash, x, *params) with layer_fns = (forward, recompute): forward(x) -> (y, mids) runs
     unrecorded, x and the tensors `mids` are stashed; in backward recompute(x, mids) gives the branches whose sum
@@ -254,7 +269,7 @@ class CheckpointFunction(torch.autograd.Function):
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
         ctx.save_for_backward(*params)
-        ctx.group = stash.begin_group()  # stashed blocks of the forward join the same group
+        ctx.group = _Group(stash)  # stashed blocks of the forward join the same group
         with torch.no_grad():
             y, mids = layer_fns[0](x)
         ctx.handles = [stash.save(t) for t in (x, *mids)]
@@ -273,7 +288,7 @@ class CheckpointFunction(torch.autograd.Function):
             branches = ctx.recompute(x, mids)
         wanted = ([x] if need_x else []) + [p for p, need in zip(params, need_p) if need]
         grads = list(torch.autograd.grad(branches, wanted, [dy] * len(branches), allow_unused=True))
-        ctx.stash.release(ctx.group)
+        ctx.group.release()
         dx = grads.pop(0) if need_x else None
         return (None, None, dx, *[grads.pop(0) if need else None for need in need_p])
 

@@ -554,6 +554,21 @@ def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dr
     assert hook.stash.saved == {} and hook.stash.fetched == {}  # every layer's group released after its backward
 
 
+def test_discarded_forward_releases_its_stash(tiny_llama):
+    """A checkpointed forward whose loss is dropped without a backward (a skipped batch) leaves nothing in the
+    offload stash: the host copies of its layers go with its graph."""
+    from hare.engine.offload import enable_checkpointing
+    model = apply_lora(load_model(tiny_llama), r=4, alpha=8, seed=0)
+    hook = enable_checkpointing(model, "offload", stash="all")
+    ids, labels = _batch(0)
+    loss = model(ids, labels=labels).loss
+    assert len(hook.stash.saved) == len(model.model.layers)
+    del loss
+    assert hook.stash.saved == {}
+    model(ids, labels=labels).loss.backward()  # and the next step runs as usual
+    assert hook.stash.saved == {} and hook.stash.fetched == {}
+
+
 def test_link_planner_spreads_what_the_link_carries():
     """The "auto" plan: attention's saved tensors in as many layers as link x forward time (less the layer input
     and mid residual) allows, spare bytes carried over so that a share is spread evenly; no more than half of the
