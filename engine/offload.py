@@ -23,7 +23,9 @@ Stashed blocks (offload only): the host link (~55 GB/s each way on the H200, mea
 forward runs, so a layer may also send the tensors that attention's and the MLP's backward read (q, k, v, the
 attention output and log-sum-exp; the MLP's input, gate and up) instead of rebuilding them: its recomputation
 then skips the q/k/v and gate/up GEMMs and the attention forward. StashedBlocks records those blocks' graphs in the
-forward with their saved tensors on the host, Replay runs them in the backward; _LinkPlanner picks how many fit.
+forward with their saved tensors on the host, Replay runs them in the backward; _LinkPlanner picks how many
+layers' attention fit (the MLP's block only when asked by name). Run S4-3 (BENCHMARKS.md): Llama-3.1-8B QLoRA at
+2048 x 4, attention stashed in 29 of 32 layers, 13,966 tok/s against 13,441 without, 7.73 against 7.58 GiB.
 
 The layer's trainable parameters are explicit inputs of the function, so their gradients flow back as its
 outputs even when x itself needs no gradient (layer 0 under frozen embeddings).
