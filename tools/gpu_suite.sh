@@ -78,10 +78,14 @@ E)
   python3 .anchors/summarize.py "$R" --md ;;
 L)
   # longest 8B QLoRA sequence at batch 1 of one system (`L unsloth_4bit` or `L hare`: one call each, a probe of
-  # Unsloth costs ~80 s with its compile), each probe its own process, under a GPU memory cap of CAP GiB
-  # (default 24, the same for both; CAP=none for the whole GPU, where steps at the limit take minutes)
-  SYS=${2:-hare}; CAP=${CAP:-24}; CAPARG=$([ "$CAP" = none ] || echo "--cap-gib $CAP")
+  # Unsloth costs 60-100 s with its compile), each probe its own process, under a GPU memory cap of CAP GiB
+  # (default 16, the same for both; CAP=none for the whole GPU, where steps at the limit take minutes).
+  # Brackets (LO trains, HI does not; STEP the resolution) sized for CAP=16 from the 32k peaks of run S4-3
+  # (Unsloth 14.24 GiB, ~0.27 GiB per 1k tokens over its 5.5 GiB model; hare 10.9 GiB without stash, ~0.17):
+  # Unsloth ~39k, hare ~62k expected; each search is then 6-7 probes, within one call.
+  SYS=${2:-hare}; CAP=${CAP:-16}; CAPARG=$([ "$CAP" = none ] || echo "--cap-gib $CAP")
+  if [ "$SYS" = hare ]; then LO=${LO:-32768}; HI=${HI:-131072}; else LO=${LO:-16384}; HI=${HI:-65536}; fi
   [ -f /tmp/ckpt_8b/tokenizer.json ] || timeout 120 python3 .anchors/make_ckpt.py 8b /tmp/ckpt_8b
-  timeout 540 python3 -m hare.tools.longest_seq --system "$SYS" --ckpt /tmp/ckpt_8b --lo 16384 --hi 262144 \
-    --step 8192 $CAPARG --probe-timeout 150 --out "$OUT/longest.jsonl" 2>&1 | grep -E "^\{|LONGEST|holding" ;;
+  timeout 540 python3 -m hare.tools.longest_seq --system "$SYS" --ckpt /tmp/ckpt_8b --lo $LO --hi $HI \
+    --step ${STEP:-4096} $CAPARG --probe-timeout 150 --out "$OUT/longest.jsonl" 2>&1 | grep -E "^\{|LONGEST|holding" ;;
 esac
