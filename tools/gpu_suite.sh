@@ -58,7 +58,7 @@ K)
 E)
   # end to end, hare and Unsloth in the same call, by items (default q4 b16; one call holds about two pairs):
   #   q4 / b16: 8B QLoRA / 16-bit LoRA, 2048 x 4, hare --gc offload (stash auto) then Unsloth
-  #   long: 8B QLoRA 32768 x 1, both; 1b: 1B QLoRA, both; auto: hare --gc auto --budget-gib 36
+  #   long: 8B QLoRA 32768 x 1, both; 1b: 1B QLoRA, both; auto: hare --gc auto --budget-gib 36, then a profile
   #   q4none: hare 8B QLoRA offload without stashed blocks; profile: hare 8B QLoRA offload with --profile 12
   R=$OUT/results.jsonl
   H() { timeout 150 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing|Error|profile:|idle gaps|^  "; }
@@ -71,7 +71,7 @@ E)
   long) ck 8b; H --ckpt /tmp/ckpt_8b $Q --seq 32768 --bs 1 --warmup 3 --steps 4
         U unsloth_4bit 8b --seq 32768 --bs 1 --warmup 2 --steps 4 ;;
   1b) ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q; U unsloth_4bit 1b ;;
-  auto) ck 8b; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 ;;
+  auto) ck 8b; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 --profile 12 ;;
   q4none) ck 8b; H --ckpt /tmp/ckpt_8b $Q --stash none ;;
   profile) ck 8b; H --ckpt /tmp/ckpt_8b $Q --profile 12 ;;
   esac; done
