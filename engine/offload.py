@@ -433,6 +433,8 @@ class LayerCheckpointing:
     def __init__(self, offload: bool = False, stash: str = "auto", num_layers: int = None):
         if stash != "auto" and stash not in STASH:
             raise ValueError(f"stash must be 'auto' or one of {sorted(STASH)}, got {stash!r}")
+        if stash not in ("auto", "none") and not offload:
+            raise ValueError(f"stash={stash!r} needs offload=True (stashed blocks go to the host)")
         if stash == "auto" and offload and num_layers is None:
             raise ValueError("stash='auto' needs num_layers")
         self.offload = offload
