@@ -98,3 +98,38 @@ def test_qlora_offload_same_losses_less_memory(tmp_path):
     # v and the MLP input: 48 MiB per layer here); saved tensors under Offloader.MIN_BYTES stay by reference
     # (x A^T products, log-sum-exp, adapter casts: ~2 MiB per layer)
     assert held_all <= held_off + cfg.num_hidden_layers * (4 << 20)
+
+
+def test_stashed_attention_on_sdpa_matches_recomputation(tmp_path):
+    """Plain causal rows take PyTorch's SDPA (cuDNN on the H200 in bf16): a stashed attention block (its saved
+    tensors, output included, back from the host, its recorded backward replayed) gives a loss and adapter
+    gradients no further from the fp32 model's than the recomputing bf16 run's are (2x, the project's control
+    rule). The control is needed: the recorded forward runs SDPA with grad (log-sum-exp kept), the recomputing
+    one without, and the backward may be nondeterministic, so bits need not match."""
+    transformers = pytest.importorskip("transformers")
+    from hare import load_model
+    from hare.engine.lora import apply_lora, trainable_parameters
+    from hare.engine.offload import enable_checkpointing
+    from tests.tolerance import assert_close_to_ref
+
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    ids = torch.randint(0, 1000, (2, 2048), device="cuda")
+    runs = []
+    for dtype, stash in ((torch.float32, "none"), (torch.bfloat16, "none"), (torch.bfloat16, "attention")):
+        model = load_model(str(tmp_path / "m"), dtype=dtype, device="cuda")
+        apply_lora(model, r=16, seed=0)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():  # B != 0, so that every adapter gradient is non-trivial
+            for name, p in trainable_parameters(model).items():
+                if "lora_B" in name:
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+        hook = enable_checkpointing(model, "offload", stash=stash)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        runs.append([loss.detach().float()] + [p.grad.float() for p in trainable_parameters(model).values()])
+        assert hook.report().endswith(stash)
+    for i, (ref, control, out) in enumerate(zip(*runs)):
+        assert_close_to_ref(out, ref, control, f"tensor {i} (0: loss)")
