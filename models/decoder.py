@@ -156,28 +156,30 @@ class Attention(nn.Module):
         B, T, _ = x.shape
         replay = blocks is not None and blocks.replaying("self_attn")
         q, k, v = lora.qkv(self, x, need_output=not replay)
+        tables = rope["local" if self.local_rope else "global"]
 
         def heads(q, k, v):
-            return self._heads(q, k, v, rope, docs, cache, positions)
+            return self._heads(q, k, v, tables, docs, cache, positions)
 
         if blocks is None:
             o = heads(q, k, v)
-        else:
-            o = blocks("self_attn", heads, (q, k, v), [p for p in self.parameters() if p.requires_grad],
-                       keep=rope["local" if self.local_rope else "global"])
+        else:  # the block's own parameters: the q/k norms' (the projections are outside it)
+            norms = [p for n in ("q_norm", "k_norm") if hasattr(self, n) for p in getattr(self, n).parameters()]
+            o = blocks("self_attn", heads, (q, k, v), [p for p in norms if p.requires_grad], keep=tables)
         o = o.reshape(B, T, self.heads * self.head_dim)
         # the module itself when the output is wanted (a 4-bit o_proj decodes one token through the fused GEMV)
         return self.o_proj(o) if need_output else lora.linear(self.o_proj, o, need_output=False)
 
-    def _heads(self, q, k, v, rope, docs, cache, positions):
-        """Projections' outputs (B, T, heads x head_dim) -> attention output (B, T, heads, head_dim)."""
+    def _heads(self, q, k, v, tables, docs, cache, positions):
+        """Projections' outputs (B, T, heads x head_dim) -> attention output (B, T, heads, head_dim); tables: this
+        layer's rope (cos, sin, index)."""
         B, T, _ = q.shape
         q = q.view(B, T, self.heads, self.head_dim)
         k = k.view(B, T, self.kv_heads, self.head_dim)
         v = v.view(B, T, self.kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin, index = rope["local" if self.local_rope else "global"]
+        cos, sin, index = tables
         if self.rotary_dim == self.head_dim:
             q, k = kernels.apply_rope(q, k, cos, sin, index)
         else:  # partial rotary (Phi-4-mini): rotate the first rotary_dim channels, pass the rest through
