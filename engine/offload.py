@@ -342,6 +342,7 @@ class _LinkPlanner:
         self.tokens = 0
         self.host = None      # host bytes available for the stash (tests); None = _host_available() at the plan
         self.room = None      # device bytes the stash may add to the peak (tests); None = _device_room() at the plan
+        self.report = "stashed blocks: none planned yet"  # what the latest plan chose
 
     @staticmethod
     def _measure_link(device):
@@ -478,7 +479,7 @@ class LayerCheckpointing:
     def report(self) -> str:
         if self.planner is None:
             return f"checkpointing {'offload' if self.offload else 'on'}, stashed blocks: {self.mode}"
-        return f"checkpointing offload, {getattr(self.planner, 'report', 'stashed blocks: none planned yet')}"
+        return f"checkpointing offload, {self.planner.report}"
 
 
 class AutoCheckpointing:

@@ -46,20 +46,28 @@ def test_fused_mlp_bf16_on_gpu(act):
         assert_close_to_ref(a, b, c, f"tensor {i}")
 
 
+def _wide_llama(path, layers, kv_heads, max_positions):
+    """A tiny-but-wide random Llama (hidden 1024, 8 heads, vocab 1000) saved by transformers at `path`; its
+    config."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=1024, intermediate_size=2816,
+                                   num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=kv_heads,
+                                   max_position_embeddings=max_positions)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(path)
+    return cfg
+
+
 def test_qlora_offload_same_losses_less_memory(tmp_path):
     """A tiny-but-wide Llama with NF4 projections: checkpointing + offload gives the losses of plain
     checkpointing, with a lower peak; so do stashed blocks (every one, and the link planner's choice, which
     starts from the third step), which keep nothing on the device between forward and backward."""
-    transformers = pytest.importorskip("transformers")
     from hare import load_model
     from hare.engine.lora import apply_lora, trainable_parameters
     from hare.engine.offload import enable_checkpointing
     from hare.quant.linear import Linear4bit
 
-    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
-                                   num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    cfg = _wide_llama(tmp_path / "m", layers=8, kv_heads=4, max_positions=8192)
     ids = torch.randint(0, 1000, (1, 8192), device="cuda")
     # one document: hare's attention kernel (no atomics, so the two runs can be compared bit for bit; PyTorch's
     # flash backward is not deterministic)
@@ -106,16 +114,12 @@ def test_stashed_attention_on_sdpa_matches_recomputation(tmp_path):
     gradients no further from the fp32 model's than the recomputing bf16 run's are (2x, the project's control
     rule). The control is needed: the recorded forward runs SDPA with grad (log-sum-exp kept), the recomputing
     one without, and the backward may be nondeterministic, so bits need not match."""
-    transformers = pytest.importorskip("transformers")
     from hare import load_model
     from hare.engine.lora import apply_lora, trainable_parameters
     from hare.engine.offload import enable_checkpointing
     from tests.tolerance import assert_close_to_ref
 
-    cfg = transformers.LlamaConfig(vocab_size=1000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                                   num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    _wide_llama(tmp_path / "m", layers=4, kv_heads=2, max_positions=4096)
     ids = torch.randint(0, 1000, (2, 2048), device="cuda")
     runs = []
     for dtype, stash in ((torch.float32, "none"), (torch.bfloat16, "none"), (torch.bfloat16, "attention")):
