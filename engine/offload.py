@@ -218,7 +218,10 @@ class StashedBlocks:
         if self.replay:
             return Replay.apply(self.records.pop(name), self.stash, *inputs, *params)
         anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
-        packed = []  # (storage address, storage offset, handle) of what the graph saved: no tensor references
+        # (tensor, handle) of what the graph saved. The tensors stay referenced until fn returns: a freed one's
+        # memory may be handed to a later tensor (the output, say), and then an address would no longer name
+        # one tensor (seen on the CPU: the output found at the address of a freed input of sin, wrong gradients).
+        packed = []
         kept = {t.untyped_storage().data_ptr() for t in keep}
 
         def pack(t):
@@ -226,7 +229,7 @@ class StashedBlocks:
                 return t
             h = self.stash.pack(t)
             if not isinstance(h, torch.Tensor):
-                packed.append((t.untyped_storage().data_ptr(), t.storage_offset(), h))
+                packed.append((t, h))
             return h
 
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, self.stash.unpack):
@@ -235,10 +238,12 @@ class StashedBlocks:
         handle, offset = None, 0
         if value:
             ptr = out.untyped_storage().data_ptr()
-            handle, base = next(((h, off) for p, off, h in packed if p == ptr), (None, 0))
+            handle, base = next(((h, t.storage_offset()) for t, h in packed if t.untyped_storage().data_ptr() == ptr),
+                                (None, 0))
             if handle is None:  # the graph does not keep its output: send it as well
                 handle, base = self.stash.save(out), out.storage_offset()
             offset = out.storage_offset() - base
+        packed.clear()  # the graph's saved variables hold the pack hook, and with it this list: empty it
         meta = (out.size(), out.stride(), offset, out.dtype, out.device)
         edge = torch.autograd.graph.get_gradient_edge
         self.records[name] = _Record(edge(out), [edge(t) for t in starts], list(params), handle, meta)

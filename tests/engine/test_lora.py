@@ -554,6 +554,36 @@ def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dr
     assert hook.stash.saved == {} and hook.stash.fetched == {}  # every layer's group released after its backward
 
 
+@pytest.mark.parametrize("n", [64, 1000, 100000])
+def test_stashed_block_output_is_its_own_when_memory_is_reused(n):
+    """A stashed block's output value is found among the tensors its graph saved (by storage). Here sin's input
+    (x * 2) is saved and then freed before exp's output, which exp saves, is allocated: the allocator may give the
+    output the freed memory (it did on this CPU for n >= 1000, and the replay then returned x * 2's copy, wrong
+    gradients). The replayed value must be the output's, and no saved tensor may outlive the forward."""
+    import weakref
+    from hare.engine.offload import Offloader, StashedBlocks
+    stash = Offloader()
+    stash.begin_group()
+    blocks = StashedBlocks(stash, ["b"])
+    x = torch.randn(n, requires_grad=True)
+    freed = []
+
+    def fn(x):
+        doubled = x * 2
+        freed.append(weakref.ref(doubled))
+        y = torch.sin(doubled)
+        del doubled  # its memory is free before exp allocates
+        return y.exp()
+
+    out = blocks("b", fn, [x])
+    assert freed[0]() is None
+    blocks.replay = True
+    replayed = blocks("b", fn, [x])
+    assert torch.equal(replayed, out)
+    replayed.backward(torch.ones(n))
+    assert torch.equal(x.grad, (2 * torch.cos(2 * x) * out).detach())
+
+
 def test_discarded_forward_releases_its_stash(tiny_llama):
     """A checkpointed forward whose loss is dropped without a backward (a skipped batch) leaves nothing in the
     offload stash: the host copies of its layers go with its graph."""
