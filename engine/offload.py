@@ -238,8 +238,8 @@ class StashedBlocks:
         handle, offset = None, 0
         if value:
             ptr = out.untyped_storage().data_ptr()
-            handle, base = next(((h, t.storage_offset()) for t, h in packed if t.untyped_storage().data_ptr() == ptr),
-                                (None, 0))
+            saved = ((h, t.storage_offset()) for t, h in packed if t.untyped_storage().data_ptr() == ptr)
+            handle, base = next(saved, (None, 0))
             if handle is None:  # the graph does not keep its output: send it as well
                 handle, base = self.stash.save(out), out.storage_offset()
             offset = out.storage_offset() - base
