@@ -48,10 +48,15 @@ SPLIT_CASES = [((1, 320), 64, GemvConfig(2, 8, 2, split_k=3)),
                ((37, 1088), 64, GemvConfig(16, 32, 4, split_k=2, fp_fusion=True)),
                ((9, 256), 128, GemvConfig(4, 8, 2, split_k=2, lut="gather")),
                ((5, 1088), 64, GemvConfig(2, 64, 4, lut="gather", num_stages=3, fp_fusion=True)),
-               ((13, 70), 64, GemvConfig(2, 8, 2, split_k=3, lut="gather", fp_fusion=True))]
+               ((13, 70), 64, GemvConfig(2, 8, 2, split_k=3, lut="gather", fp_fusion=True)),
+               # lut "pairs": byte tiles; ragged last step, split-K, blocksize 128, pipelining; K = 70 ignores it
+               ((37, 1088), 64, GemvConfig(4, 16, 2, lut="pairs", fp_fusion=True)),
+               ((1, 320), 64, GemvConfig(2, 8, 2, split_k=3, lut="pairs")),
+               ((9, 256), 128, GemvConfig(4, 8, 2, split_k=2, lut="pairs", num_stages=2)),
+               ((13, 70), 64, GemvConfig(2, 8, 2, lut="pairs"))]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape,blocksize,config", SPLIT_CASES, ids=str)
 def test_gemv_configs_match_ref(shape, blocksize, config, dtype):
     gen = torch.Generator().manual_seed(1)
