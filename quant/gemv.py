@@ -31,7 +31,7 @@ both; x is read as pairs too (x[2i], x[2i + 1] as one integer of twice its width
 has the tile's 2-D shape and no layout conversion is needed (the word tiles' expand/reshape went through shared
 memory with barriers in every step); and on the GPU both products of a byte are rounded to 16 bits by one packed
 conversion (cvt.rn.bf16x2.f32, round to nearest even as the scalar cast). Same values and the same fp32 sum per
-tile row, in another order. Offline SASS (sm_90a, bf16 x, 2 rows x 256 words / 4 warps, fp_fusion): 7.75
+tile row, in another order. Offline SASS (sm_90a, bf16 x, 2 rows x 256 words / 4 warps, fp_fusion): 7.8
 instructions per weight in the loop instead of 12.9, 64 registers instead of 80; not yet timed on the GPU.
 """
 from typing import NamedTuple
@@ -42,7 +42,7 @@ import triton.language as tl
 
 from ..kernels._dispatch import interpreting, pick_backend
 from ..kernels._triton import cast
-from .dequant import absmax_buffers, load_absmax, nf4_tile, packed_words
+from .dequant import absmax_buffers, load_absmax, nf4_tile, pack_pair16, packed_words, pair_table, pair_values
 
 
 class GemvConfig(NamedTuple):
@@ -76,23 +76,6 @@ GEMV_CONFIGS = (
 BLOCK_K_GENERAL = 128
 # Rows per program of the split-K sum.
 SUM_BLOCK = 256
-
-
-@triton.jit
-def _round_pair(hi, lo, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """(hi, lo) fp32 rounded to `dtype` and back to fp32, as cast(., dtype).to(fp32) does each; on the GPU both
-    by one packed conversion (cvt.rn.bf16x2.f32 / cvt.rn.f16x2.f32: round to nearest even, hi in the upper half)
-    instead of two scalar ones."""
-    if INTERPRET or dtype == tl.float32:
-        return cast(hi, dtype, INTERPRET).to(tl.float32), cast(lo, dtype, INTERPRET).to(tl.float32)
-    elif dtype == tl.bfloat16:
-        both = tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,r,r", [hi, lo], dtype=tl.uint32,
-                                         is_pure=True, pack=1)
-        return (both & 0xFFFF0000).to(tl.float32, bitcast=True), (both << 16).to(tl.float32, bitcast=True)
-    else:
-        both = tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [hi, lo], dtype=tl.uint32,
-                                         is_pure=True, pack=1)
-        return _half(both >> 16, dtype), _half(both, dtype)
 
 
 @triton.jit
@@ -137,12 +120,7 @@ def _gemv_nf4_kernel(
         k_lo = tl.program_id(1) * chunk
         k_hi = tl.minimum(k_lo + chunk, KW)
         if LUT_PAIRS:
-            # byte -> (quant_map[high nibble], quant_map[low nibble]) as one 64-bit value: element 2i of a row
-            # is byte i's high nibble, 2i + 1 its low one
-            c = tl.arange(0, 256)
-            hi = tl.load(qmap_ptr + (c >> 4)).to(tl.uint32, bitcast=True).to(tl.uint64)
-            lo = tl.load(qmap_ptr + (c & 15)).to(tl.uint32, bitcast=True).to(tl.uint64)
-            table = (hi << 32) | lo
+            table = pair_table(qmap_ptr)
             BB: tl.constexpr = BS // 2  # bytes per absmax block
             acc = tl.zeros((R, BB), dtype=tl.float32)
         else:
@@ -157,20 +135,19 @@ def _gemv_nf4_kernel(
             if LUT_PAIRS:  # 2-D (R, bytes) tiles throughout: a byte's two weights against x's matching pair
                 byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]
                 b = tl.load(packed_ptr + byte, mask=ok[:, None], other=0)
-                p = tl.reshape(tl.gather(table, tl.reshape(b, (R * BB,)).to(tl.int32), 0), (R, BB))
-                w_hi, w_lo = _round_pair((p >> 32).to(tl.uint32).to(tl.float32, bitcast=True) * a[:, None],
-                                         p.to(tl.uint32).to(tl.float32, bitcast=True) * a[:, None],
-                                         x_ptr.dtype.element_ty, INTERPRET)
+                w_even, w_odd = pair_values(b, table, a)
                 # x pairs (x[2i], x[2i + 1]) as one integer of twice x's width: x[2i] in its low half
                 xp = tl.load(xpairs_ptr + bcol[:, None] * BB + tl.arange(0, BB)[None, :], mask=ok[:, None], other=0)
                 if x_ptr.dtype.element_ty == tl.float32:
                     x_even = xp.to(tl.uint32).to(tl.float32, bitcast=True)
                     x_odd = (xp >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-                else:
+                else:  # the weights rounded to x's dtype, as dequantize(x.dtype) gives them
+                    wp = pack_pair16(w_even, w_odd, x_ptr.dtype.element_ty, INTERPRET)
+                    w_even, w_odd = _half(wp, x_ptr.dtype.element_ty), _half(wp >> 16, x_ptr.dtype.element_ty)
                     xp = xp.to(tl.uint32, bitcast=True)
                     x_even, x_odd = _half(xp, x_ptr.dtype.element_ty), _half(xp >> 16, x_ptr.dtype.element_ty)
-                acc += w_hi * x_even
-                acc += w_lo * x_odd
+                acc += w_even * x_even
+                acc += w_odd * x_odd
             else:
                 word = blk[:, None] * WB + tl.arange(0, WB)[None, :]  # (R, WB)
                 w = tl.load(words_ptr + word, mask=ok[:, None], other=0)

@@ -57,6 +57,14 @@ def _sync():
 def dequant_variants():
     from hare.quant.dequant import DequantConfig as D
     return [
+        # lut "pairs" first (timed even on a short budget): 5.2-6.7 SASS instructions per element offline, 7.9 for
+        # the default (quant/dequant.py)
+        (D(2048, 2, "pairs"), "byte tiles, one lookup per byte, pairs stored as one integer"),
+        (D(4096, 2, "pairs"), "5.2 instructions per element"),
+        (D(4096, 4, "pairs"), ""),
+        (D(8192, 4, "pairs"), ""),
+        (D(4096, 2, "pairs", 0, 1, True), ""),
+        (D(4096, 2, "pairs", 8, 2), ""),
         (D(4096, 2, "load"), "the previous launch (42.7 us), now with 16-byte word loads"),
         (D(4096, 2, "gather"), "register table + tl.gather: fewer instructions"),
         (D(2048, 2, "gather"), "32 regs: 32 programs/SM"),
@@ -114,7 +122,7 @@ def gemv_variants():
     instructions at 64; lut "load" or no fp fusion add ~1 instruction. The big shapes keep a shorter list around
     their current configs.
     lut "pairs" (one table lookup per byte, 2-D byte tiles, packed 16-bit rounding; quant/gemv.py) comes first in
-    every list, so that a short budget still times it: offline it cuts the loop from 12.9 to 7.75 SASS
+    every list, so that a short budget still times it: offline it cuts the loop from 12.9 to 7.8 SASS
     instructions per weight at 2 x 256 / 4 (bf16 x; 64 registers instead of 80), 7.6 at 64 elements per thread.
     If the shapes are issue-bound rather than latency-bound, this is the variant that shows it."""
     g = _g

@@ -91,3 +91,25 @@ def test_gemv_preconditions():
         gemv_nf4(torch.randn(1, 32, device=DEVICE), w)
     with pytest.raises(ValueError, match="2-D"):
         gemv_nf4(torch.randn(64, device=DEVICE), quantize_nf4(torch.randn(2, 4, 64, device=DEVICE)))
+
+
+def test_offline_sass_of_the_pairs_variants(tmp_path):
+    """tools/sass_nf4.py compiles the kernels for sm_90a without a GPU (the ptxas in triton's wheel) and counts the
+    SASS instructions of their loop per weight: it keeps working as the kernels' signatures change, and lut "pairs"
+    issues fewer instructions per weight than "gather" in both kernels (the reason it is in the GPU sweep). In a
+    process of its own: this one runs Triton's interpreter, whose kernels cannot be compiled."""
+    import json
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = tmp_path / "sass.json"
+    subprocess.run([sys.executable, "-m", "hare.tools.sass_nf4", "--gemv", "2,256,4,gather", "2,256,4,pairs",
+                    "--dequant", "2048,2,gather", "2048,2,pairs", "--out", str(out)], env=env, check=True,
+                   capture_output=True)
+    rows = {(r["kernel"], r["config"]["lut"]): r for r in json.loads(out.read_text())}
+    for key, row in rows.items():  # the table lookups are in the loop that was found
+        assert row["registers"] > 0 and row["opcodes_per_weight"].get("LDS", 0) > 0, key
+    per_weight = {key: row["loop_per_weight"] for key, row in rows.items()}
+    assert per_weight["gemv", "pairs"] < 0.8 * per_weight["gemv", "gather"], per_weight
+    assert per_weight["dequant", "pairs"] < per_weight["dequant", "gather"], per_weight
