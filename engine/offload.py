@@ -218,9 +218,11 @@ class StashedBlocks:
         if self.replay:
             return Replay.apply(self.records.pop(name), self.stash, *inputs, *params)
         anchor = torch.empty(0, device=inputs[0].device, requires_grad=True)
-        # (tensor, handle) of what the graph saved. The tensors stay referenced until fn returns: a freed one's
-        # memory may be handed to a later tensor (the output, say), and then an address would no longer name
-        # one tensor (seen on the CPU: the output found at the address of a freed input of sin, wrong gradients).
+        # (tensor, handle) of what the graph saved, where the output's value is wanted: it is looked up among
+        # them by storage. The tensors stay referenced until fn returns: a freed one's memory may be handed to a
+        # later tensor (the output, say), and then an address would no longer name one tensor (seen on the CPU:
+        # the output found at the address of a freed input of sin, wrong gradients). For attention they live
+        # that long anyway (the block ends with the kernel that saves them); the MLP's value is not wanted.
         packed = []
         kept = {t.untyped_storage().data_ptr() for t in keep}
 
@@ -228,7 +230,7 @@ class StashedBlocks:
             if t.untyped_storage().data_ptr() in kept:
                 return t
             h = self.stash.pack(t)
-            if not isinstance(h, torch.Tensor):
+            if value and not isinstance(h, torch.Tensor):
                 packed.append((t, h))
             return h
 
