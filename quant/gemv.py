@@ -265,11 +265,12 @@ def launch_gemv(x, w, y, config):
         block_k, chunk, split = BLOCK_K_GENERAL, 0, 1
     out = y if split == 1 else torch.empty((split, n), dtype=torch.float32, device=y.device)
     interpret = interpreting(x)
-    xpairs = x.view(torch.int32 if x.element_size() == 2 else torch.int64) if aligned else x  # K is even
+    pairs = aligned and config.lut == "pairs"  # K is even: x as pairs of elements
+    xpairs = x.view(torch.int32 if x.element_size() == 2 else torch.int64) if pairs else x
     _gemv_nf4_kernel[(triton.cdiv(n, config.block_n), split)](
         x, xpairs, w.packed, words, *absmax_buffers(w), w.quant_map, out, n, k, kw, chunk,
         BS=w.blocksize, NESTED=w.double_quant, NESTED_BS=w.nested_blocksize, ALIGNED=aligned,
-        BLOCK_N=config.block_n, BLOCK_K=block_k, LUT_GATHER=config.lut == "gather", LUT_PAIRS=config.lut == "pairs",
+        BLOCK_N=config.block_n, BLOCK_K=block_k, LUT_GATHER=config.lut == "gather", LUT_PAIRS=pairs,
         NUM_STAGES=config.num_stages, INTERPRET=interpret, num_warps=config.num_warps,
         enable_fp_fusion=config.fp_fusion,
     )
