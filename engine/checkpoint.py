@@ -20,9 +20,12 @@ Training checkpoint, one directory per step under <output_dir>/checkpoints/:
 No pickle anywhere: tensors go to safetensors, the rest to JSON.
 
 Atomicity: a checkpoint is written into a temporary directory (".step-000100.tmp-<pid>"), every file fsync'ed,
-then renamed to its final name (a rename is atomic on POSIX), and only then is `latest` replaced (temp file +
-os.replace). A process killed at any point leaves `latest` naming a complete checkpoint; the debris (temporary
-directories) is ignored by readers and removed by the next save.
+then renamed to its final name (a rename is atomic on POSIX), and only then is `latest` replaced (temp file
+".tmp-<pid>-*" + os.replace). A process killed at any point leaves `latest` naming a complete checkpoint; the
+debris (temporary directories and files) is ignored by readers and removed by the next save once its writer is
+gone. Re-saving an existing step moves the old copy aside (".step-000100.old-<pid>") before the new one moves in;
+a kill between the two renames leaves `latest` naming the aside copy's step, so readers fall back to the aside
+copy, and the next save moves it back.
 """
 import dataclasses
 import json
@@ -58,9 +61,14 @@ def _fsync(path):
         os.close(fd)
 
 
+def _temp_prefix():
+    """Prefix of this process's temporary files: the pid tells a later save whether their writer is gone."""
+    return f".tmp-{os.getpid()}-"
+
+
 def _write_json(path, obj):
     """Write JSON under a temporary name in the same directory, fsync, rename over `path`."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=_temp_prefix(), suffix=".json")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.flush()
@@ -69,7 +77,7 @@ def _write_json(path, obj):
 
 
 def _write_tensors(path, tensors, metadata=None):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".safetensors")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=_temp_prefix(), suffix=".safetensors")
     os.close(fd)
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
     _fsync(tmp)
@@ -502,11 +510,41 @@ def save_checkpoint(output_dir, model, optimizer, state: dict, keep: int = None,
     return final
 
 
+# debris of a save: ".step-<n>.tmp-<pid>" / ".step-<n>.old-<pid>" directories, ".tmp-<pid>-*" files
+_DEBRIS = re.compile(r"\.(step-\d+)\.(tmp|old)-(\d+)|\.tmp-(\d+)-.+")
+
+
+def _writer_alive(pid):
+    """Whether process `pid`, another one, may still be writing (this process saves one checkpoint at a time)."""
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
 def _remove_debris(root):
-    """Temporary directories left by a process killed mid-save (their own pid is gone or it is us)."""
+    """What a save killed midway left in `root`, once its process is gone (a live one may be saving now): temporary
+    directories and files are removed; a copy moved aside for a re-save whose new copy never arrived is moved back
+    (`latest` may name its step)."""
     for d in os.listdir(root):
-        if re.fullmatch(r"\.step-\d+\.(tmp|old)-\d+", d):
-            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        m = _DEBRIS.fullmatch(d)
+        if m is None or _writer_alive(int(m.group(3) or m.group(4))):
+            continue
+        path = os.path.join(root, d)
+        if m.group(2) == "old" and not os.path.exists(os.path.join(root, m.group(1))):
+            os.rename(path, os.path.join(root, m.group(1)))
+        elif os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
 
 
 def latest_checkpoint(output_dir):
@@ -520,6 +558,12 @@ def latest_checkpoint(output_dir):
         return None
     name = _read_json(pointer).get("checkpoint")
     path = os.path.join(root, str(name))
+    if re.fullmatch(r"step-\d+", str(name)) and not os.path.isdir(path):
+        # a re-save of this step killed between moving the old copy aside and moving the new one in: the aside
+        # copy is complete (save_checkpoint)
+        aside = sorted(d for d in os.listdir(root) if re.fullmatch(rf"\.{name}\.old-\d+", d))
+        if aside:
+            return os.path.join(root, aside[-1])
     if not re.fullmatch(r"step-\d+", str(name)) or not os.path.isdir(path):
         raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
     return path

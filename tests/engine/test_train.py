@@ -251,6 +251,49 @@ def test_checkpoint_killed_midway_leaves_the_previous_one_loadable(tiny_llama, t
     assert not [d for d in os.listdir(os.path.join(out, "checkpoints")) if ".tmp-" in d]
 
 
+def _dead_pid():
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_debris_is_removed_once_its_writer_is_gone(tiny_llama, tmp_path):
+    """A save removes what an earlier save killed midway left (a temporary checkpoint directory, or the temporary
+    file of `latest`, which the test above can also hit), but not what a live process may be writing now."""
+    model = apply_lora(load_model(tiny_llama), r=4, seed=0)
+    opt = torch.optim.AdamW(trainable_parameters(model).values())
+    out = str(tmp_path / "run")
+    root = os.path.join(out, "checkpoints")
+    os.makedirs(root)
+    dead, live = _dead_pid(), os.getppid()
+    for pid in (dead, live):
+        os.makedirs(os.path.join(root, f".step-000005.tmp-{pid}"))
+        open(os.path.join(root, f".tmp-{pid}-x1y2.json"), "w").close()
+    save_checkpoint(out, model, opt, {"step": 6, "epoch": 0, "position": 0})
+    assert sorted(os.listdir(root)) == sorted([".step-000005.tmp-%d" % live, ".tmp-%d-x1y2.json" % live, "latest",
+                                               "step-000006"])
+
+
+def test_resave_killed_between_its_renames_loses_nothing(tiny_llama, tmp_path):
+    """Re-saving a step moves the old copy aside, then the new one in. Killed in between, `latest` names a step with
+    no directory: readers take the aside copy, and the next save moves it back."""
+    model = apply_lora(load_model(tiny_llama), r=4, seed=0)
+    opt = torch.optim.AdamW(trainable_parameters(model).values())
+    out = str(tmp_path / "run")
+    root = os.path.join(out, "checkpoints")
+    save_checkpoint(out, model, opt, {"step": 2, "epoch": 0, "position": 7})
+    dead = _dead_pid()
+    aside = os.path.join(root, f".step-000002.old-{dead}")
+    os.rename(os.path.join(root, "step-000002"), aside)  # the state the kill left
+    os.makedirs(os.path.join(root, f".step-000002.tmp-{dead}"))
+    assert latest_checkpoint(out) == aside
+    assert load_checkpoint(aside, model, opt)["position"] == 7
+    save_checkpoint(out, model, opt, {"step": 3, "epoch": 0, "position": 8})
+    assert sorted(os.listdir(root)) == ["latest", "step-000002", "step-000003"]
+    assert load_checkpoint(os.path.join(root, "step-000002"), model, opt)["position"] == 7
+
+
 def test_skipped_and_truncated_records_are_named(tiny_llama, tok, tmp_path, capsys):
     records = _records(6) + [{"text": ""}, {"messages": [{"role": "user", "content": "q" * 40},
                                                          {"role": "assistant", "content": "a" * 60}]}]
