@@ -42,7 +42,8 @@ import triton.language as tl
 
 from ..kernels._dispatch import interpreting, pick_backend
 from ..kernels._triton import cast
-from .dequant import absmax_buffers, load_absmax, nf4_tile, pack_pair16, packed_words, pair_table, pair_values
+from .dequant import (absmax_buffers, as_pairs, f32_halves, load_absmax, nf4_tile, pack_pair16, packed_words,
+                      pair_table, pair_values)
 
 
 class GemvConfig(NamedTuple):
@@ -139,8 +140,7 @@ def _gemv_nf4_kernel(
                 # x pairs (x[2i], x[2i + 1]) as one integer of twice x's width: x[2i] in its low half
                 xp = tl.load(xpairs_ptr + bcol[:, None] * BB + tl.arange(0, BB)[None, :], mask=ok[:, None], other=0)
                 if x_ptr.dtype.element_ty == tl.float32:
-                    x_even = xp.to(tl.uint32).to(tl.float32, bitcast=True)
-                    x_odd = (xp >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
+                    x_even, x_odd = f32_halves(xp)
                 else:  # the weights rounded to x's dtype, as dequantize(x.dtype) gives them
                     wp = pack_pair16(w_even, w_odd, x_ptr.dtype.element_ty, INTERPRET)
                     w_even, w_odd = _half(wp, x_ptr.dtype.element_ty), _half(wp >> 16, x_ptr.dtype.element_ty)
@@ -266,7 +266,7 @@ def launch_gemv(x, w, y, config):
     out = y if split == 1 else torch.empty((split, n), dtype=torch.float32, device=y.device)
     interpret = interpreting(x)
     pairs = aligned and config.lut == "pairs"  # K is even: x as pairs of elements
-    xpairs = x.view(torch.int32 if x.element_size() == 2 else torch.int64) if pairs else x
+    xpairs = as_pairs(x) if pairs else x
     _gemv_nf4_kernel[(triton.cdiv(n, config.block_n), split)](
         x, xpairs, w.packed, words, *absmax_buffers(w), w.quant_map, out, n, k, kw, chunk,
         BS=w.blocksize, NESTED=w.double_quant, NESTED_BS=w.nested_blocksize, ALIGNED=aligned,
