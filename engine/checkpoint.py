@@ -558,14 +558,15 @@ def latest_checkpoint(output_dir):
         return None
     name = _read_json(pointer).get("checkpoint")
     path = os.path.join(root, str(name))
-    if re.fullmatch(r"step-\d+", str(name)) and not os.path.isdir(path):
+    if not re.fullmatch(r"step-\d+", str(name)):
+        raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
+    if not os.path.isdir(path):
         # a re-save of this step killed between moving the old copy aside and moving the new one in: the aside
         # copy is complete (save_checkpoint)
         aside = sorted(d for d in os.listdir(root) if re.fullmatch(rf"\.{name}\.old-\d+", d))
-        if aside:
-            return os.path.join(root, aside[-1])
-    if not re.fullmatch(r"step-\d+", str(name)) or not os.path.isdir(path):
-        raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
+        if not aside:
+            raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
+        return os.path.join(root, aside[-1])
     return path
 
 

@@ -27,7 +27,7 @@ and from a graph (the per-kernel cost no GEMV goes below, which bounds any speed
 Compiles: before the checks, every variant is launched once from a thread pool (--threads) so Triton compiles
 them in parallel (its compiler releases the GIL; as tools/sweep_attention.py); those launches' results are dropped.
 --budget: seconds after which the remaining variants are skipped (listed as such), so the run stays inside a
-device call's limit (tools/gpu_suite.sh runs it under `timeout 90`) even if compiles are slow.
+device call's limit (tools/gpu_suite.sh runs it with --budget 130 under `timeout 150`) even if compiles are slow.
 """
 import argparse
 import functools

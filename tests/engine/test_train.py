@@ -2,6 +2,7 @@
 CPU offload), resume, atomic checkpoints, metrics, the typed config parser."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from hare.engine.checkpoint import latest_checkpoint, load_checkpoint, save_chec
 from hare.engine.data import epoch_batches, padded_batch, prepare
 from hare.engine.lora import apply_lora, lora_modules, trainable_parameters
 from hare.engine.train import TrainConfig, config_from_args, lr_at, micro_step, parse_overrides, train
+from hare.models.errors import CheckpointError
 from hare.models.tokenizer import load_tokenizer
 from tests.engine.conftest import hf_model
 
@@ -292,6 +294,9 @@ def test_resave_killed_between_its_renames_loses_nothing(tiny_llama, tmp_path):
     save_checkpoint(out, model, opt, {"step": 3, "epoch": 0, "position": 8})
     assert sorted(os.listdir(root)) == ["latest", "step-000002", "step-000003"]
     assert load_checkpoint(os.path.join(root, "step-000002"), model, opt)["position"] == 7
+    shutil.rmtree(os.path.join(root, "step-000003"))  # `latest` names a step that is gone, with no aside copy
+    with pytest.raises(CheckpointError, match="step-000003"):
+        latest_checkpoint(out)
 
 
 def test_skipped_and_truncated_records_are_named(tiny_llama, tok, tmp_path, capsys):
