@@ -558,8 +558,8 @@ def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dr
 def test_stashed_block_output_is_its_own_when_memory_is_reused(n):
     """A stashed block's output value is found among the tensors its graph saved (by storage). Here sin's input
     (x * 2) is saved and then freed before exp's output, which exp saves, is allocated: the allocator may give the
-    output the freed memory (it did on this CPU for n >= 1000, and the replay then returned x * 2's copy, wrong
-    gradients). The replayed value must be the output's, and no saved tensor may outlive the forward."""
+    output the freed memory (the former address match failed here at n = 100000, and at 1000 in a standalone run:
+    the replay returned x * 2's copy, wrong gradients). The replayed value must be the output's, and no saved tensor may outlive the forward."""
     import weakref
     from hare.engine.offload import Offloader, StashedBlocks
     stash = Offloader()
