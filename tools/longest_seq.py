@@ -6,9 +6,9 @@
 A probe of length L runs one warm-up-free training step of the 8B QLoRA workload (seq L x batch 1, the anchors'
 settings) in a fresh process and passes when that process prints its RESULT line and exits 0: for `hare`,
 `python -m hare.tools.bench_train --gc offload` (hare's full checkpointing); for an anchor system,
-`.anchors/run_anchors.sh X` (the anchors' harness: ../shared/bench-anchors/README.md). lo must pass and hi fail;
-the search halves [lo, hi) down to --step tokens. A probe that runs out of time counts as a failure and is
-reported as such (not as out of memory).
+`.anchors/run_anchors.sh X` (the anchors' harness: ../shared/bench-anchors/README.md). [lo, hi) is a guess (lo
+trains, hi does not), moved by its width when wrong; the search then halves it down to --step tokens. A probe that
+runs out of time counts as a failure and is reported as such (not as out of memory).
 
 --cap-gib C: before the probes a blocker process takes all of the GPU's free memory but C GiB and holds it until
 the end, so that each system sees the same C GiB. On a whole H200 the limits fall at lengths where a single step
@@ -52,12 +52,23 @@ def run_probe(cmd, timeout):
 
 
 def search(probe, lo, hi, step):
-    """Largest L in [lo, hi) on the grid lo + k * step with probe(L) true, given probe(lo) true and probe(hi)
-    false (both are probed first; a violated bracket raises). probe is monotone: what fits at L fits below L."""
-    if not probe(lo):
-        raise ValueError(f"lo={lo} does not train; lower it")
-    if probe(hi):
-        raise ValueError(f"hi={hi} still trains; raise it")
+    """Largest L on the grid lo + k * step with probe(L) true. probe is monotone: what fits at L fits below L.
+    [lo, hi) is a guess, probed at both ends first; a wrong guess is moved by its own width (up while hi still
+    trains, down while lo does not), so a narrow bracket costs at most a few more probes, never the run. Raises
+    when nothing down to `step` tokens trains."""
+    width = hi - lo
+    if probe(lo):
+        while probe(hi):
+            lo, hi = hi, hi + width
+    else:
+        hi = lo
+        while True:
+            if hi <= step:
+                raise ValueError(f"no length down to {step} tokens trains")
+            lo = max(hi - width, step)
+            if probe(lo):
+                break
+            hi = lo
     while hi - lo > step:
         mid = lo + (hi - lo) // (2 * step) * step
         mid = mid if mid > lo else lo + step
@@ -80,8 +91,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--system", help="hare, or an anchor system (unsloth_4bit, hf_bnb4)")
     p.add_argument("--ckpt", help="hare's 8B checkpoint (.anchors/make_ckpt.py 8b DIR; the anchors use /tmp/ckpt_8b)")
-    p.add_argument("--lo", type=int, help="a length that trains")
-    p.add_argument("--hi", type=int, help="a length that does not")
+    p.add_argument("--lo", type=int, help="a length expected to train")
+    p.add_argument("--hi", type=int, help="a length expected not to")
     p.add_argument("--step", type=int, default=4096, help="resolution of the answer, tokens")
     p.add_argument("--cap-gib", type=float, default=None, help="GPU memory left to the probes (blocker process)")
     p.add_argument("--probe-timeout", type=int, default=300, help="seconds per probe")

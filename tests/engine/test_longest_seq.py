@@ -17,10 +17,21 @@ def test_search_finds_the_largest_length_on_the_grid_that_trains():
     assert probed[:2] == [32768, 131072] and len(probed) <= 2 + 5  # log2(24 grid steps) bisections
 
 
-@pytest.mark.parametrize("lo,hi", [(60_000, 131072), (32768, 40_000)])
-def test_search_refuses_a_wrong_bracket(lo, hi):
-    with pytest.raises(ValueError, match="lo=" if lo > 50_000 else "hi="):
-        search(lambda seq: seq <= 50_000, lo, hi, 4096)
+@pytest.mark.parametrize("lo,hi", [(61440, 69632), (32768, 40960), (12288, 20480)])
+def test_search_moves_a_wrong_bracket(lo, hi):
+    probed = []
+
+    def fits(seq):
+        probed.append(seq)
+        return seq <= 50_000
+
+    assert search(fits, lo, hi, 4096) == 49152
+    assert len(probed) == len(set(probed))  # no length probed twice
+
+
+def test_search_says_when_nothing_trains():
+    with pytest.raises(ValueError, match="no length down to 4096"):
+        search(lambda seq: False, 16384, 32768, 4096)
 
 
 def test_probe_timeout_kills_the_whole_process_group():
