@@ -26,8 +26,9 @@ kernels/swiglu.py and kernels/geglu.py:
 
 What the fused functions keep for backward: x, g, u, A, B and the small (tokens x r) products x A^T; the base
 weights are referenced, never copied: a 16-bit W is the parameter itself, a 4-bit W stays packed and is
-dequantized again in backward into a temporary that dies right after its GEMM (except gate's and up's in a
-checkpoint recomputation, kept for the backward that follows it: LoRAMLPFunction). h is not stored (it is a
+dequantized again in backward into a temporary that dies right after its GEMM (the MLP of a checkpoint
+recomputation keeps only x: its backward runs the gate / up GEMMs itself, in blocks of tokens, with the three
+weights dequantized once: LoRAMLPFunction). h is not stored (it is a
 (tokens x intermediate) tensor per layer): the activation's backward kernel writes it, with dg and du, over
 dh, g and u, which nothing needs afterwards. Plain autograd over the same ops would keep x, g, u, h and every
 dequantized W, and allocate dg, du and dh beside them.
@@ -67,6 +68,12 @@ from ..quant.nf4 import NF4Weight
 from ._dispatch import pick_backend
 from .geglu import geglu, geglu_bwd, geglu_fwd
 from .swiglu import swiglu, swiglu_bwd, swiglu_fwd
+
+
+# Tokens per block of the MLP where nothing is kept for a backward (lora_mlp's `rows`): at 8192 the GEMMs are as
+# efficient as at any larger count (H200: 780-797 TFLOP/s for 8192 x 4096 -> 6144 / 14336, BENCHMARKS.md run
+# S4-1), and the anchors' 2048 x 4 step is one block, unchanged.
+MLP_ROWS = 8192
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,12 +177,9 @@ def _products(x2, ab, A_cat):
     return [None if A is None else x2 @ A.t() for A in ab[0::2]]
 
 
-def _forward_one(x2, weight, bias, xa, B, s, kept=None):
-    """(tokens, out) output x W^T + b + s xa B^T; a dequantized W is a temporary, freed on return, unless
-    `kept` (a list) is given: then it is appended there (16-bit W: the parameter itself)."""
+def _forward_one(x2, weight, bias, xa, B, s):
+    """(tokens, out) output x W^T + b + s xa B^T; a dequantized W is a temporary, freed on return."""
     W = dense(weight, x2.dtype)
-    if kept is not None:
-        kept.append(W)
     y = F.linear(x2, W, bias)
     return y if xa is None else y.addmm_(xa, B.t(), alpha=s)
 
@@ -299,54 +303,86 @@ def _fold(ab, xa_g, xa_u, scales):
     return xa_g, ab[1], scales[0], xa_u, ab[3], scales[1]
 
 
+def _mlp_backward(x2, g, u, dy2, ab, A_cat, xa_g, xa_u, ha_d, weights, scales, act, folded, need, ab_dtypes):
+    """The MLP's gradients for a block of rows: (dx, [dA_g, dB_g, dA_u, dB_u, dA_d, dB_d]). g and u (the saved
+    gate / up outputs) are consumed: dg, du and h are written over them and dh."""
+    A_d, B_d, s_d = ab[4], ab[5], scales[2]
+    # down: dh = dy W_d + s_d (dy B_d) A_d
+    W = dense(weights[2], dy2.dtype)
+    dh = dy2 @ W
+    del W
+    if A_d is not None:
+        dyb = dy2 @ B_d
+        dh.addmm_(dyb, A_d, alpha=s_d)
+    # the activation's backward, with h (down's input, needed by its adapter) from the same pass
+    fold = _fold(ab, xa_g, xa_u, scales) if folded else None
+    dg, du, h = _act_bwd_inplace(act, dh, g, u, fold)
+    del g, u, dh
+    dA_d = dB_d = None
+    if A_d is not None:
+        # dA_d = s_d (dy B_d)^T h ;  dB_d = s_d dy^T (h A_d^T)
+        if need[4]:
+            dA_d = _adapter_grad(dyb.t(), h, s_d, ab_dtypes[4])
+        if need[5]:
+            if ha_d is None:
+                ha_d = h @ A_d.t()
+            dB_d = _adapter_grad(dy2.t(), ha_d, s_d, ab_dtypes[5])
+    del h
+    dx, grads = _backward_shared(x2, [dg, du], weights[:2], ab[:4], [xa_g, xa_u], scales[:2], need[6], need[:4],
+                                 ab_dtypes[:4], A_cat)
+    return dx, grads + [dA_d, dB_d]
+
+
+def _gate_up(x2, weights, biases, ab, xa_g, xa_u, scales, folded):
+    """g and u of rows x2: the base outputs when the adapter terms are folded into the activation kernels."""
+    if folded:
+        return (_forward_one(x2, weights[0], biases[0], None, None, 0.0),
+                _forward_one(x2, weights[1], biases[1], None, None, 0.0))
+    return (_forward_one(x2, weights[0], biases[0], xa_g, ab[1], scales[0]),
+            _forward_one(x2, weights[1], biases[1], xa_u, ab[3], scales[1]))
+
+
 class LoRAMLPFunction(torch.autograd.Function):
     """y = down(act(gate(x), up(x))), each projection with an optional adapter; see the module docstring.
 
-    apply(x, weights(3), biases(3), scales(3), act, need_output, A_g, B_g, A_u, B_u, A_d, B_d).
+    apply(x, weights(3), biases(3), scales(3), act, need_output, rows, A_g, B_g, A_u, B_u, A_d, B_d).
 
     need_output=False is for checkpoint recomputation, where the layer is run again only to rebuild its
-    autograd graph and y's value is never read (its gradient arrives from outside): down_proj's forward GEMM,
-    the biggest of the layer, is then skipped and y is returned uninitialised. Nothing in the backward needs y.
-    The backward then follows at once, so gate's and up's dequantized 4-bit weights are kept for it instead of
-    being dequantized a second time (2 x 117 MB at Llama-3.1-8B's MLP, alive from the recompute to this
-    backward; 64 fewer dequantizations of 14336 x 4096 per training step). A layer whose activations are kept
-    (no checkpointing) runs with need_output=True and keeps no weights.
+    autograd graph and y's value is never read (its gradient arrives from outside, at once): the forward then
+    computes nothing but the (tokens x r) products x A^T and returns y uninitialised; the backward runs gate's
+    and up's GEMMs itself, `rows` tokens at a time, each block's gradients taken before the next block's g and
+    u exist. The (tokens x intermediate) tensors g, u, dh then never exceed `rows` tokens however long the
+    sequence (at Llama-3.1-8B's MLP, 86 kB per token: 5.4 GiB at 64k tokens, 0.7 GiB as 8192-token blocks), for
+    the same GEMMs as the unchunked backward, and the gate / up / down weights of a 4-bit base are dequantized
+    once for all blocks. The adapters' gradients are the sums of the blocks' (in fp32 for fp32 masters); x's
+    rows are independent, so dx is the same.
 
     The backward consumes its saved g and u in place (dg, du and h are written over g, u and dh), so it can run
     only once: retain_graph=True through this function raises; the "ref" backend has no such limit."""
 
     @staticmethod
-    def forward(ctx, x, weights, biases, scales, act, need_output, *ab):
+    def forward(ctx, x, weights, biases, scales, act, need_output, rows, *ab):
         x2 = x.reshape(-1, x.shape[-1])
         dt = x2.dtype
         ctx.ab_dtypes = [None if t is None else t.dtype for t in ab]
         gu, A_cat = _cast_adapters(ab[:4], dt, _stacks(ab[:4], scales[:2]))
         ab = gu + _cast_adapters(ab[4:], dt, False)[0]
         xa_g, xa_u = _products(x2, gu, A_cat)
-        fold = None
-        kept = None if need_output else []  # the dense gate / up weights, for the backward (docstring)
-        if _gate_up_fold(x2, ab):
-            # g and u stay the base outputs; the activation kernels add their adapter terms (saved that way too)
-            g = _forward_one(x2, weights[0], biases[0], None, None, 0.0, kept)
-            u = _forward_one(x2, weights[1], biases[1], None, None, 0.0, kept)
-            fold = _fold(ab, xa_g, xa_u, scales)
-        else:
-            g = _forward_one(x2, weights[0], biases[0], xa_g, ab[1], scales[0], kept)
-            u = _forward_one(x2, weights[1], biases[1], xa_u, ab[3], scales[1], kept)
-        ctx.gate_up = tuple(kept) if kept else tuple(weights[:2])
-        ctx.folded = fold is not None
+        ctx.folded = _gate_up_fold(x2, ab)  # g and u stay the base outputs; the kernels add the adapter terms
+        ctx.weights, ctx.biases, ctx.scales, ctx.act, ctx.x_shape = weights, biases, scales, act, x.shape
+        ctx.rows, ctx.consumed = rows, False
         if need_output:
+            g, u = _gate_up(x2, weights, biases, ab, xa_g, xa_u, scales, ctx.folded)
+            fold = _fold(ab, xa_g, xa_u, scales) if ctx.folded else None
             h = _act_fwd(act, g, u, fold)
             ha_d = _products(h, ab[4:], None)[0]
             y = _forward_one(h, weights[2], biases[2], ha_d, ab[5], scales[2])
             del h  # recomputed in backward from g and u
-        else:
-            # one element broadcast to y's shape: no (tokens x hidden) allocation for a value nobody reads
-            y, ha_d = x2.new_empty(1).expand(*x.shape[:-1], weights[2].shape[0]), None
-        ctx.weights, ctx.scales, ctx.act, ctx.x_shape = weights, scales, act, x.shape
-        ctx.consumed = False
-        ctx.save_for_backward(x2, g, u, A_cat, *ab, xa_g, xa_u, ha_d)
-        return y.view(*x.shape[:-1], y.shape[-1]) if need_output else y
+            ctx.save_for_backward(x2, g, u, A_cat, *ab, xa_g, xa_u, ha_d)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        ctx.save_for_backward(x2, None, None, A_cat, *ab, xa_g, xa_u, None)
+        # one element broadcast to y's shape: no (tokens x hidden) allocation for a value nobody reads
+        return x2.new_empty(1).expand(*x.shape[:-1], weights[2].shape[0])
 
     @staticmethod
     def backward(ctx, dy):
@@ -356,38 +392,34 @@ class LoRAMLPFunction(torch.autograd.Function):
         ctx.consumed = True
         x2, g, u, A_cat, *rest = ctx.saved_tensors
         ab, (xa_g, xa_u, ha_d) = rest[:6], rest[6:]
-        A_d, B_d, s_d = ab[4], ab[5], ctx.scales[2]
-        need = ctx.needs_input_grad  # 0 x, 1-5 non-tensors, 6-11 A_g B_g A_u B_u A_d B_d
+        need = ctx.needs_input_grad[7:] + ctx.needs_input_grad[:1]  # A_g B_g A_u B_u A_d B_d, then x
         dy2 = dy.reshape(-1, dy.shape[-1])
-        dt = dy2.dtype
-        # down: dh = dy W_d + s_d (dy B_d) A_d
-        W = dense(ctx.weights[2], dt)
-        dh = dy2 @ W
-        del W
-        if A_d is not None:
-            dyb = dy2 @ B_d
-            dh.addmm_(dyb, A_d, alpha=s_d)
-        # the activation's backward, with h (down's input, needed by its adapter) from the same pass
-        fold = _fold(ab, xa_g, xa_u, ctx.scales) if ctx.folded else None
-        dg, du, h = _act_bwd_inplace(ctx.act, dh, g, u, fold)
-        del g, u, dh
-        dA_d = dB_d = None
-        if A_d is not None:
-            # dA_d = s_d (dy B_d)^T h ;  dB_d = s_d dy^T (h A_d^T)
-            if need[10]:
-                dA_d = _adapter_grad(dyb.t(), h, s_d, ctx.ab_dtypes[4])
-            if need[11]:
-                if ha_d is None:
-                    ha_d = h @ A_d.t()
-                dB_d = _adapter_grad(dy2.t(), ha_d, s_d, ctx.ab_dtypes[5])
-        del h
-        gate_up, ctx.gate_up = ctx.gate_up, None
-        dx, grads = _backward_shared(x2, [dg, du], gate_up, ab[:4], [xa_g, xa_u], ctx.scales[:2],
-                                     need[0], need[6:10], ctx.ab_dtypes[:4], A_cat)
-        del gate_up
+        args = (ab, A_cat)
+        rest = (ctx.scales, ctx.act, ctx.folded, need, ctx.ab_dtypes)
+        if g is not None:  # saved by a forward with output
+            dx, grads = _mlp_backward(x2, g, u, dy2, *args, xa_g, xa_u, ha_d, ctx.weights, *rest)
+        else:  # deferred (need_output=False): gate / up in blocks of rows (docstring)
+            n, step = x2.shape[0], ctx.rows
+            # dequantized once for all blocks (a 4-bit base); down's only when there are several blocks, else
+            # it is made and freed around its one GEMM
+            weights = (*[dense(w, dy2.dtype) for w in ctx.weights[:2]],
+                       ctx.weights[2] if n <= step else dense(ctx.weights[2], dy2.dtype))
+            dx = x2.new_empty(x2.shape) if need[6] and n > step else None
+            grads = None
+            for i in range(0, n, step):
+                part = [None if t is None else t[i:i + step] for t in (x2, xa_g, xa_u, dy2)]
+                g, u = _gate_up(part[0], weights, ctx.biases, ab, part[1], part[2], ctx.scales, ctx.folded)
+                dxb, gb = _mlp_backward(part[0], g, u, part[3], *args, *part[1:3], None, weights, *rest)
+                del g, u
+                if n <= step:
+                    dx = dxb
+                elif dx is not None:
+                    dx[i:i + step] = dxb
+                grads = gb if grads is None else [a if b is None else a.add_(b) for a, b in zip(grads, gb)]
+            del weights
         if dx is not None:
             dx = dx.view(ctx.x_shape)
-        return (dx, None, None, None, None, None, *grads, dA_d, dB_d)
+        return (dx, None, None, None, None, None, None, *grads)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,19 +460,33 @@ def lora_linear(x, weight, bias=None, A=None, B=None, scale=1.0, backend=None):
     return lora_linears(x, [(weight, bias, A, B, scale)], backend)[0]
 
 
-def lora_mlp(x, gate, up, down, act="silu", backend=None, need_output=True):
+def lora_mlp(x, gate, up, down, act="silu", backend=None, need_output=True, rows=MLP_ROWS):
     """down(act(gate(x), up(x))); gate/up/down are (weight, bias, A, B, scale); act: "silu" (SwiGLU), "gelu"
     (exact GeGLU) or a tanh-approximate gelu name (gelu_pytorch_tanh, gelu_new, gelu_fast).
     need_output=False: the caller uses the result only for its autograd graph, never its value (checkpoint
-    recomputation); the fused path then skips down_proj's forward and returns uninitialised values."""
+    recomputation); the fused path then skips down_proj's forward and returns uninitialised values.
+    rows: the most tokens whose (tokens x intermediate) tensors exist at once where nothing is kept for a
+    backward: a deferred backward (need_output=False, LoRAMLPFunction) and a forward without autograd (a
+    checkpointed layer's first pass, generation's prefill), which runs `rows` tokens at a time."""
     projections = [tuple(gate), tuple(up), tuple(down)]
     if pick_backend(backend, x) == "ref":
         return lora_mlp_ref(x, *projections, act)
     inter = projections[0][0].shape[0]
     _check(x, projections, [x.shape[-1], x.shape[-1], inter])
+    if rows < 1:
+        raise ValueError(f"rows must be >= 1, got {rows}")
     weights, biases, As, Bs, scales = zip(*projections)
     ab = [t for pair in zip(As, Bs) for t in pair]
-    return LoRAMLPFunction.apply(x, weights, biases, tuple(float(s) for s in scales), act, need_output, *ab)
+    scales = tuple(float(s) for s in scales)
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() or x2.shape[0] <= rows:
+        return LoRAMLPFunction.apply(x, weights, biases, scales, act, need_output, rows, *ab)
+    # no autograd, more tokens than `rows`: block by block into one output, the weights dequantized once
+    weights = tuple(dense(w, x.dtype) for w in weights)
+    y = x2.new_empty(x2.shape[0], weights[2].shape[0])
+    for i in range(0, x2.shape[0], rows):
+        y[i:i + rows] = LoRAMLPFunction.apply(x2[i:i + rows], weights, biases, scales, act, True, rows, *ab)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -53,14 +53,16 @@ def _run(fn, x, projections, dys, dtype, adapter_dtype=None):
     return list(outs), [t.grad for t in _leaves(xs, ps)]
 
 
-def _compare(fn_fused, fn_ref, x, projections, out_dims, dtype, adapter_dtype=None):
+def _compare(fn_fused, fn_ref, x, projections, out_dims, dtype, adapter_dtype=None, outputs=True):
+    """outputs=False: the fused function's outputs are not values (need_output=False), only its gradients count."""
     g = torch.Generator().manual_seed(9)
     dys = [torch.randn(*x.shape[:-1], d, generator=g, dtype=torch.float64) for d in out_dims]
     got_o, got_g = _run(fn_fused, x, projections, dys, dtype, adapter_dtype)
     ref_o, ref_g = _run(fn_ref, x, projections, dys, torch.float64)
     ctl_o, ctl_g = _run(fn_ref, x, projections, dys, dtype, adapter_dtype)
     for i, (a, b, c) in enumerate(zip(got_o, ref_o, ctl_o)):
-        assert_close_to_ref(a, b, c, f"output {i}")
+        if outputs:
+            assert_close_to_ref(a, b, c, f"output {i}")
     names = ["dx"] + [f"d{n}{i}" for i, p in enumerate(projections) for n, t in (("A", p[2]), ("B", p[3]))
                       if t is not None]
     assert len(got_g) == len(names)
@@ -178,10 +180,12 @@ def test_quantized_mlp_keeps_no_dequantized_weight():
     assert all(q.live() == 0 and q.calls == 2 for q in qs)
 
 
-def test_recomputed_quantized_mlp_keeps_gate_up_for_its_backward():
-    """need_output=False (checkpoint recomputation, followed at once by the backward): gate's and up's dequantized
-    weights are kept from the forward for the backward (one dequantization each, not two), down's is not (its
-    forward GEMM is skipped); all are freed by the end of the backward; gradients as with need_output=True."""
+@pytest.mark.parametrize("rows", [64, 2])
+def test_recomputed_quantized_mlp_defers_gate_up_to_its_backward(rows):
+    """need_output=False (checkpoint recomputation, followed at once by the backward): the forward dequantizes
+    nothing and keeps no weight; the backward dequantizes each weight once, also when it runs in blocks of `rows`
+    tokens (6 tokens: one block, or three), and frees them all; gradients as with need_output=True (bit for bit
+    in one block; blocks: test_mlp_in_row_blocks_matches_ref)."""
     ps = _cast([_proj(17, seed=1), _proj(17, seed=2), _proj(IN, inp=17, seed=3)], torch.float32)
     x = torch.randn(6, IN, device=DEVICE)
     dy = torch.randn(6, IN, device=DEVICE)
@@ -191,15 +195,54 @@ def test_recomputed_quantized_mlp_keeps_gate_up_for_its_backward():
         ab = [t.detach().clone().requires_grad_() for p in ps for t in p[2:4]]
         specs = [[q, p[1], ab[2 * i], ab[2 * i + 1], p[4]] for i, (q, p) in enumerate(zip(qs, ps))]
         x_ = x.clone().requires_grad_()
-        y = lora.lora_mlp(x_, *specs, backend="triton", need_output=need_output)
+        y = lora.lora_mlp(x_, *specs, backend="triton", need_output=need_output, rows=rows)
         if not need_output:
-            assert [q.calls for q in qs] == [1, 1, 0] and [q.live() for q in qs] == [1, 1, 0]
+            assert [q.calls for q in qs] == [0, 0, 0] and [q.live() for q in qs] == [0, 0, 0]
         y.backward(dy)
         want_calls = [2, 2, 2] if need_output else [1, 1, 1]
         assert [q.calls for q in qs] == want_calls and all(q.live() == 0 for q in qs)
         grads.append([x_.grad] + [t.grad for t in ab])
-    for got, want in zip(*grads):
-        assert torch.equal(got, want)
+    if rows >= 6:
+        for got, want in zip(*grads):
+            assert torch.equal(got, want)
+
+
+MLP_CASES = {  # gate / up / down projections
+    "mixed": lambda inter: [_proj(inter, bias=True, seed=7), _proj(inter, adapter=False, seed=8),
+                            _proj(IN, inp=inter, seed=9, scale=2.0)],
+    "stacked": lambda inter: [_proj(inter, seed=15), _proj(inter, bias=True, seed=16), _proj(IN, inp=inter, seed=17)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(MLP_CASES))
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
+def test_mlp_in_row_blocks_matches_ref(case, act, dtype, adapter_dtype):
+    """The deferred backward (need_output=False) in blocks of 4 of 18 tokens (4, 4, 4, 4, 2): x's gradient and
+    every adapter's (sums over the blocks) against the reference, with the control's tolerance."""
+    projections = MLP_CASES[case](53)
+    x = torch.randn(2, 9, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
+    _compare(lambda x, p: lora.lora_mlp(x, *p, act=act, backend="triton", need_output=False, rows=4),
+             lambda x, p: lora.lora_mlp(x, *p, act=act, backend="ref"), x, projections, [IN], dtype, adapter_dtype,
+             outputs=False)
+
+
+@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
+def test_mlp_without_autograd_runs_in_row_blocks(dtype, adapter_dtype):
+    """Without autograd (a checkpointed layer's first pass), more tokens than `rows` run block by block: the
+    output against the reference with the control's tolerance, each 4-bit weight dequantized once for all
+    blocks and none kept."""
+    projections = MLP_CASES["mixed"](53)
+    x = torch.randn(2, 9, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(19))
+    with torch.no_grad():
+        got = lora.lora_mlp(x.to(DEVICE, dtype), *_cast(projections, dtype, adapter_dtype), backend="triton", rows=4)
+        ref = lora.lora_mlp(x.to(DEVICE), *_cast(projections, torch.float64), backend="ref")
+        ctl = lora.lora_mlp(x.to(DEVICE, dtype), *_cast(projections, dtype, adapter_dtype), backend="ref")
+        assert_close_to_ref(got, ref, ctl, "output")
+        ps = _cast(projections, dtype, adapter_dtype)
+        qs = [CountingQuant(p[0]) for p in ps]
+        lora.lora_mlp(x.to(DEVICE, dtype), *[[q] + p[1:] for q, p in zip(qs, ps)], backend="triton", rows=4)
+        assert [q.calls for q in qs] == [1, 1, 1] and all(q.live() == 0 for q in qs)
 
 
 def test_nf4_base_gradients_equal_dense_dequantized_base():
