@@ -202,6 +202,7 @@ def test_preconditions():
 
 def test_default_chunk_size():
     assert default_chunk_size(16384) == 2048     # 1/8 of the rows
+    assert default_chunk_size(65536) == 2048     # the cap: a buffer that does not grow with the sequence
     assert default_chunk_size(4096) == 1024      # the floor
     assert default_chunk_size(300) == 300        # never more than N
     assert default_chunk_size(0) == 1
