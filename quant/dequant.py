@@ -31,14 +31,13 @@ ptxas; per output element, 4096 elements (64 blocks of 64) x 2 warps unless said
   40-48 registers). With lut="load" it also turns the table lookups into cp.async: avoid that pairing.
 - streaming: the packed words are loaded evict-first and the output stored with .cs (streaming), so the
   write-once output does not displace other lines from L2.
-- lut="pairs": (NBLK, blocksize/2) tiles of bytes instead of words. Byte i holds elements 2i (high nibble) and
-  2i + 1, so one lookup in a 256-entry table of fp32 pairs (pair_table, built from quant_map in each program) gives
-  both, and the two values, rounded by one packed conversion, are stored as one 32-bit integer (64-bit for fp32
-  output): no 3-D expansion, no interleave. 5.2 instructions per element at 4096 x 2 warps or 8192 x 4, 6.7 at
-  2048 x 2 (7.9 for DEQUANT_CONFIG); needs an even element count. Not yet timed on the GPU (tools/sweep_nf4.py).
 The word loads are 16-byte vectors only when their mask is provably uniform per 4 words: the launcher passes the
 word count (`nwords`, divisible by 16 at real shapes, which the JIT specializes on); computing it in the kernel
-from n made them scalar loads (seen in the PTX). Likewise `npairs` for the byte tiles.
+from n made them scalar loads (seen in the PTX).
+lut="pairs" (byte tiles, a 256-entry table of 64-bit value pairs; in the GEMV too) was tried and removed: fewer SASS
+instructions per weight (GEMV loop 7.8 vs 12.9) but 10-30% slower on an H200 (2026-11-29, gpu_suite.sh K nf4sweep,
+commit 3ec3fba): dequant 4096 x 14336 -> bf16 46.0 us at best vs 42.2, GEMV k_proj 5.50 vs 4.93 us, gate_proj 44.0
+vs 34.7 us. Hypothesis: per-lane random gathers from that table bank-conflict; the 16 fp32 values sit in 16 banks.
 """
 from typing import NamedTuple
 
@@ -53,8 +52,7 @@ from ..kernels._triton import cast
 class DequantConfig(NamedTuple):
     elements_per_program: int  # per tile (a power of 2): elements_per_program / blocksize whole blocks, >= 1
     num_warps: int
-    lut: str = "load"  # "load": quant_map[code] from global memory; "gather": a register table via tl.gather;
-    #                    "pairs": byte tiles, one lookup per byte in a table of value pairs (pair_table)
+    lut: str = "load"  # "load": quant_map[code] from global memory; "gather": a register table via tl.gather
     programs_per_sm: int = 0  # 0: one program per tile; k > 0: k programs per SM loop over the tiles
     num_stages: int = 1  # software pipelining depth of the tile loop (useful with programs_per_sm > 0)
     streaming: bool = False  # evict-first loads of the packed words, streaming (.cs) stores
@@ -65,6 +63,8 @@ class DequantConfig(NamedTuple):
 # at 4096 x 14336 and 14336 x 4096 -> bf16, this default 42.1 / 42.0 us (82.1 / 82.2%), the best 41.3 us (8192
 # elements x 4 warps, lut "load"): within the run's noise. Persistent programs (with or without prefetch stages)
 # and streaming hints were slower (43.5-47 us). The previous launch (4096 x 2 warps, scalar word loads): 42.7 us.
+# Confirmed 2026-11-29 (run S6-1, commit 3ec3fba): this default 42.2 / 41.6 us, the best gather or load variant
+# ~41.6 us at 4096 x 14336.
 DEQUANT_CONFIG = DequantConfig(elements_per_program=2048, num_warps=2, lut="gather")
 
 
@@ -106,123 +106,52 @@ def nf4_tile(w, scale, qmap_ptr, table, LUT_GATHER: tl.constexpr):
     return tl.reshape(v * scale[:, None, None], (R, WB * 8))
 
 
-def as_pairs(t):
-    """A contiguous tensor's elements two at a time, as integers of twice their width (int32 for 16-bit dtypes,
-    int64 for fp32): what lut "pairs" loads and stores. Its element count must be even."""
-    return t.view(-1).view(torch.int32 if t.element_size() == 2 else torch.int64)
-
-
-@triton.jit
-def f32_halves(p):
-    """(low, high) 32 bits of 64-bit integers `p` as fp32 bit patterns."""
-    return p.to(tl.uint32).to(tl.float32, bitcast=True), (p >> 32).to(tl.uint32).to(tl.float32, bitcast=True)
-
-
 @triton.jit
 def _load(ptr, mask, STREAMING: tl.constexpr):
     """tl.load(ptr, mask, other=0), evict-first when STREAMING (data read once). The stores stay inline: through
-    a helper like this one the word path compiled to 37 registers instead of 32 (sm_90a, triton 3.6)."""
+    a helper like this one the word path compiled to 37 registers instead of 32 (sm_90a, triton 3.6). Used once, yet
+    kept: inlined, the fp32 output's loop took 1 more SASS instruction per 32 elements (bf16/fp16 unchanged)."""
     if STREAMING:
         return tl.load(ptr, mask=mask, other=0, eviction_policy="evict_first")
     return tl.load(ptr, mask=mask, other=0)
 
 
 @triton.jit
-def pair_table(qmap_ptr):
-    """uint64 (256,): byte -> quant_map[high nibble] in the upper 32 bits, quant_map[low nibble] in the lower
-    (as fp32 bit patterns): a byte's two values by one lookup (lut "pairs")."""
-    c = tl.arange(0, 256)
-    hi = tl.load(qmap_ptr + (c >> 4)).to(tl.uint32, bitcast=True).to(tl.uint64)
-    lo = tl.load(qmap_ptr + (c & 15)).to(tl.uint32, bitcast=True).to(tl.uint64)
-    return (hi << 32) | lo
-
-
-@triton.jit
-def pair_values(b, table, scale):
-    """fp32 (even, odd): the values of the two weights packed in each byte of `b` (R, C) uint8 -- element 2i is
-    byte i's high nibble, 2i + 1 its low one -- times scale[r]: fp32(quant_map[code] * scale), to be rounded once."""
-    R: tl.constexpr = b.shape[0]
-    C: tl.constexpr = b.shape[1]
-    p = tl.reshape(tl.gather(table, tl.reshape(b, (R * C,)).to(tl.int32), 0), (R, C))
-    odd, even = f32_halves(p)
-    return even * scale[:, None], odd * scale[:, None]
-
-
-@triton.jit
-def pack_pair16(even, odd, dtype: tl.constexpr, INTERPRET: tl.constexpr):
-    """uint32: even and odd (fp32) rounded to the 16-bit `dtype` (nearest even, as cast), even in the low half
-    (the lower address: the pair as stored). On the GPU by one packed conversion (cvt.rn.bf16x2.f32 /
-    cvt.rn.f16x2.f32 d, a, b put a in the upper half) instead of two scalar ones and a merge."""
-    if INTERPRET:
-        lo = cast(even, dtype, INTERPRET).to(tl.uint16, bitcast=True).to(tl.uint32)
-        hi = cast(odd, dtype, INTERPRET).to(tl.uint16, bitcast=True).to(tl.uint32)
-        return (hi << 16) | lo
-    elif dtype == tl.bfloat16:
-        return tl.inline_asm_elementwise("cvt.rn.bf16x2.f32 $0, $1, $2;", "=r,r,r", [odd, even], dtype=tl.uint32,
-                                         is_pure=True, pack=1)
-    else:
-        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $1, $2;", "=r,r,r", [odd, even], dtype=tl.uint32,
-                                         is_pure=True, pack=1)
-
-
-@triton.jit
 def _dequant_nf4_kernel(
     words_ptr,  # int32 (nwords,): the packed bytes as little-endian words (zero-padded to a whole word)
-    bytes_ptr,  # uint8: the packed bytes themselves (lut "pairs")
     absmax_ptr,  # uint8 codes (NESTED) or fp32 values, one per block
     nabsmax_ptr,  # fp32 (ceil(blocks / NESTED_BS),): second-level absmax (read when NESTED)
     nqmap_ptr,  # fp32 (256,): the dynamic 8-bit map (read when NESTED)
     offset_ptr,  # fp32 (): mean subtracted from the absmax values before their quantization (NESTED)
     qmap_ptr,  # fp32 (16,): the NF4 values
     out_ptr,  # (n,) output, contiguous, in the requested dtype
-    pairs_ptr,  # the output as integers of twice its element width, one per pair of elements (lut "pairs")
     n,  # number of weight elements
     nwords,  # words in words_ptr = ceil(n / 8) (from the host: see the module docstring)
-    npairs,  # n // 2, from the host for the same reason (lut "pairs")
     WB: tl.constexpr,  # blocksize // 8: words per block
     NBLK: tl.constexpr,  # blocks per tile
     NESTED: tl.constexpr,  # double quantization
     NESTED_BS: tl.constexpr,  # absmax values per nested block (256)
     LUT_GATHER: tl.constexpr,  # DequantConfig.lut == "gather"
-    LUT_PAIRS: tl.constexpr,  # DequantConfig.lut == "pairs" (n even)
     NUM_STAGES: tl.constexpr,  # software pipelining of the tile loop
     STREAMING: tl.constexpr,  # eviction / cache hints for data touched once
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (kernels/_triton.py)
 ):
     nblocks = tl.cdiv(n, 8 * WB)
-    if LUT_PAIRS:
-        table = pair_table(qmap_ptr)
-    else:
-        table = tl.load(qmap_ptr + tl.arange(0, 16))  # read only by the gather variant (dead code otherwise)
+    table = tl.load(qmap_ptr + tl.arange(0, 16))  # read only by the gather variant (dead code otherwise)
     # one tile per program, or a grid-stride loop when the launcher makes fewer programs than tiles
     for tile in tl.range(tl.program_id(0), tl.cdiv(nblocks, NBLK), tl.num_programs(0), num_stages=NUM_STAGES):
         # (NBLK,) block ids (< 2^31 up to 2^37 elements); word and element offsets in 64 bits: >2^31 elements
         blk = (tile * NBLK + tl.arange(0, NBLK)).to(tl.int64)
         absmax = load_absmax(absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr, blk, blk < nblocks, NESTED,
                              NESTED_BS, INTERPRET)
-        if LUT_PAIRS:  # (NBLK, bytes) tiles: byte i of the weight -> output pair i, stored as one integer
-            pair = blk[:, None] * (4 * WB) + tl.arange(0, 4 * WB)[None, :]
-            ok = pair < npairs
-            even, odd = pair_values(_load(bytes_ptr + pair, ok, STREAMING), table, absmax)
-            if out_ptr.dtype.element_ty == tl.float32:
-                vals = (odd.to(tl.uint32, bitcast=True).to(tl.uint64) << 32) | \
-                    even.to(tl.uint32, bitcast=True).to(tl.uint64)
-            else:
-                vals = pack_pair16(even, odd, out_ptr.dtype.element_ty, INTERPRET)
-            vals = vals.to(pairs_ptr.dtype.element_ty, bitcast=True)
-            if STREAMING:
-                tl.store(pairs_ptr + pair, vals, mask=ok, cache_modifier=".cs")
-            else:
-                tl.store(pairs_ptr + pair, vals, mask=ok)
+        word = blk[:, None] * WB + tl.arange(0, WB)[None, :]  # (NBLK, WB)
+        w = _load(words_ptr + word, word < nwords, STREAMING)
+        vals = cast(nf4_tile(w, absmax, qmap_ptr, table, LUT_GATHER), out_ptr.dtype.element_ty, INTERPRET)
+        elem = blk[:, None] * (8 * WB) + tl.arange(0, 8 * WB)[None, :]
+        if STREAMING:
+            tl.store(out_ptr + elem, vals, mask=elem < n, cache_modifier=".cs")
         else:
-            word = blk[:, None] * WB + tl.arange(0, WB)[None, :]  # (NBLK, WB)
-            w = _load(words_ptr + word, word < nwords, STREAMING)
-            vals = cast(nf4_tile(w, absmax, qmap_ptr, table, LUT_GATHER), out_ptr.dtype.element_ty, INTERPRET)
-            elem = blk[:, None] * (8 * WB) + tl.arange(0, 8 * WB)[None, :]
-            if STREAMING:
-                tl.store(out_ptr + elem, vals, mask=elem < n, cache_modifier=".cs")
-            else:
-                tl.store(out_ptr + elem, vals, mask=elem < n)
+            tl.store(out_ptr + elem, vals, mask=elem < n)
 
 
 def packed_words(packed):
@@ -250,8 +179,8 @@ def _check(w, dtype):
 def _check_config(config):
     if not isinstance(config, DequantConfig):
         raise ValueError(f"config must be a DequantConfig, got {type(config).__name__}")
-    if config.lut not in ("load", "gather", "pairs"):
-        raise ValueError(f"config.lut must be 'load', 'gather' or 'pairs', got {config.lut!r}")
+    if config.lut not in ("load", "gather"):
+        raise ValueError(f"config.lut must be 'load' or 'gather', got {config.lut!r}")
     e = config.elements_per_program
     if e < 1 or e & (e - 1):
         raise ValueError(f"config.elements_per_program must be a power of 2, got {e}")
@@ -288,21 +217,16 @@ def launch_dequant(w, out, config):
     """Runs the kernel into `out` (w.shape, contiguous) with an explicit DequantConfig (tools/sweep_nf4.py
     sweeps them; the tests run every code path)."""
     _check_config(config)
-    pairs = config.lut == "pairs"
-    if pairs and w.numel % 2:
-        raise ValueError(f"lut 'pairs' writes pairs of elements: the weight's {w.numel} elements are odd")
     words = packed_words(w.packed)
     nblk = max(1, config.elements_per_program // w.blocksize)  # whole blocks per tile (blocksizes are powers of 2)
     ntiles = triton.cdiv(w.absmax.numel(), nblk)
     programs = ntiles
     if config.programs_per_sm:
         programs = min(ntiles, config.programs_per_sm * sm_count(out.device))
-    out_pairs = as_pairs(out) if pairs else out
     _dequant_nf4_kernel[(programs,)](
-        words, w.packed, *absmax_buffers(w), w.quant_map, out, out_pairs, w.numel, words.numel(), w.numel // 2,
+        words, *absmax_buffers(w), w.quant_map, out, w.numel, words.numel(),
         WB=w.blocksize // 8, NBLK=nblk, NESTED=w.double_quant,
-        NESTED_BS=w.nested_blocksize, LUT_GATHER=config.lut == "gather", LUT_PAIRS=pairs,
-        NUM_STAGES=config.num_stages,
+        NESTED_BS=w.nested_blocksize, LUT_GATHER=config.lut == "gather", NUM_STAGES=config.num_stages,
         STREAMING=config.streaming, INTERPRET=interpreting(out),
         num_warps=config.num_warps, enable_fp_fusion=False,
     )

@@ -25,14 +25,7 @@ tiles, 62 us with byte tiles, 98 us for dequantize + matmul; 1024 x 4096: 10.6 u
 Static cost per weight, from the sm_90a SASS of the loop (compiled offline): 16.4 instructions for that version,
 14.3 with one absmax per block (this tile), 13.9 with lut="gather", 12.9 adding fp_fusion. tools/sweep_nf4.py
 times them; GEMV_CONFIGS holds the choice per shape.
-lut="pairs" works on (R, blocksize/2) tiles of bytes instead of words: byte i of a block holds weights 2i (high
-nibble) and 2i + 1, so one lookup in a 256-entry table of 64-bit pairs (built from quant_map in each program) gives
-both; x is read as pairs too (x[2i], x[2i + 1] as one integer of twice its width, split by shifts), so every tensor
-has the tile's 2-D shape and no layout conversion is needed (the word tiles' expand/reshape went through shared
-memory with barriers in every step); and on the GPU both products of a byte are rounded to 16 bits by one packed
-conversion (cvt.rn.bf16x2.f32, round to nearest even as the scalar cast). Same values and the same fp32 sum per
-tile row, in another order. Offline SASS (sm_90a, bf16 x, 2 rows x 256 words / 4 warps, fp_fusion): 7.8
-instructions per weight in the loop instead of 12.9, 64 registers instead of 80; not yet timed on the GPU.
+lut="pairs" (a 256-entry table of byte -> two values) lost on the H200 and was removed: quant/dequant.py's docstring.
 """
 from typing import NamedTuple
 
@@ -42,8 +35,7 @@ import triton.language as tl
 
 from ..kernels._dispatch import interpreting, pick_backend
 from ..kernels._triton import cast
-from .dequant import (absmax_buffers, as_pairs, f32_halves, load_absmax, nf4_tile, pack_pair16, packed_words,
-                      pair_table, pair_values)
+from .dequant import absmax_buffers, load_absmax, nf4_tile, packed_words
 
 
 class GemvConfig(NamedTuple):
@@ -51,8 +43,7 @@ class GemvConfig(NamedTuple):
     block_k: int  # words (8 weights) of a row per loop step (a power of 2; raised to one absmax block)
     num_warps: int
     split_k: int = 1  # programs along K per row range; > 1: fp32 partial sums + a deterministic second kernel
-    lut: str = "load"  # "load": quant_map[code] from global memory; "gather": a register table (dequant.py);
-    #                    "pairs": a 256-entry table of byte -> two values, on 2-D byte tiles (module docstring)
+    lut: str = "load"  # "load": quant_map[code] from global memory; "gather": a register table (dequant.py)
     num_stages: int = 1  # software pipelining of the K loop
     fp_fusion: bool = False  # x * w + acc as one fma (the launch's enable_fp_fusion)
 
@@ -64,7 +55,8 @@ class GemvConfig(NamedTuple):
 # 5.1 us); q/o 4096 x 4096: 12.5 us vs 21.9 us (1.76x; none of the 39 variants, 1-16 rows per program,
 # split-K 2-4, 2-3 stages, 1-8 warps, was faster than this one); down 4096 x 14336: 35.3 us vs 73.1 us (2.07x;
 # no-fma 36.8 us); gate/up 14336 x 4096: 34.7 us vs 74.8 us (2.15x). (The earlier do_bench sweep carried a 5 us host
-# launch cost in every figure.)
+# launch cost in every figure.) Confirmed 2026-11-29 (run S6-1, commit 3ec3fba): k/v 4.9 us (2.07x), q/o 12.4 us
+# (1.75x), down 34.9 us (2.10x), gate/up 34.7 us (2.18x) vs dequantize + matmul, so the configs are kept.
 GEMV_CONFIGS = (
     # k/v, q/o and down (N <= 8192): 2 rows x 256 words per step, 4 warps
     (8192, None, GemvConfig(block_n=2, block_k=256, num_warps=4, split_k=1, lut="gather", num_stages=1,
@@ -80,17 +72,8 @@ SUM_BLOCK = 256
 
 
 @triton.jit
-def _half(u, dtype: tl.constexpr):
-    """fp32 value of the 16-bit float (`dtype`) in the low 16 bits of u (uint32)."""
-    if dtype == tl.bfloat16:
-        return (u << 16).to(tl.float32, bitcast=True)
-    return (u & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-
-
-@triton.jit
 def _gemv_nf4_kernel(
     x_ptr,  # (K,) input row, contiguous
-    xpairs_ptr,  # the same bytes as integers of twice x's width (int32 for 16-bit x, int64 for fp32): lut "pairs"
     packed_ptr,  # uint8 (ceil(N*K/2),): W's 4-bit indices, element 2i in the high nibble (general path)
     words_ptr,  # int32 view of the same bytes (ALIGNED path)
     absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr,  # absmax (codes or fp32) and its nested statistics
@@ -105,7 +88,6 @@ def _gemv_nf4_kernel(
     BLOCK_N: tl.constexpr,  # rows per program
     BLOCK_K: tl.constexpr,  # ALIGNED: words of a row per step (a multiple of BS // 8); else elements per step
     LUT_GATHER: tl.constexpr,  # GemvConfig.lut == "gather"
-    LUT_PAIRS: tl.constexpr,  # GemvConfig.lut == "pairs" (aligned path only)
     NUM_STAGES: tl.constexpr,  # software pipelining of the K loop
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (kernels/_triton.py)
 ):
@@ -120,42 +102,21 @@ def _gemv_nf4_kernel(
         rows = rows.to(tl.int64)
         k_lo = tl.program_id(1) * chunk
         k_hi = tl.minimum(k_lo + chunk, KW)
-        if LUT_PAIRS:
-            table = pair_table(qmap_ptr)
-            BB: tl.constexpr = BS // 2  # bytes per absmax block
-            acc = tl.zeros((R, BB), dtype=tl.float32)
-        else:
-            table = tl.load(qmap_ptr + tl.arange(0, 16))  # read only by the gather variant
-            acc = tl.zeros((R, 8 * WB), dtype=tl.float32)
+        table = tl.load(qmap_ptr + tl.arange(0, 16))  # read only by the gather variant
+        acc = tl.zeros((R, 8 * WB), dtype=tl.float32)
         for w0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=NUM_STAGES):
             bcol = w0 // WB + r % NB  # (R,) block column within the row
             ok = row_ok & (bcol < KW // WB)  # chunks are whole steps: only a row's end cuts a step short
             blk = rows * (KW // WB) + bcol  # flat block id
             a = load_absmax(absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr, blk, ok, NESTED, NESTED_BS,
                             INTERPRET)
-            if LUT_PAIRS:  # 2-D (R, bytes) tiles throughout: a byte's two weights against x's matching pair
-                byte = blk[:, None] * BB + tl.arange(0, BB)[None, :]
-                b = tl.load(packed_ptr + byte, mask=ok[:, None], other=0)
-                w_even, w_odd = pair_values(b, table, a)
-                # x pairs (x[2i], x[2i + 1]) as one integer of twice x's width: x[2i] in its low half
-                xp = tl.load(xpairs_ptr + bcol[:, None] * BB + tl.arange(0, BB)[None, :], mask=ok[:, None], other=0)
-                if x_ptr.dtype.element_ty == tl.float32:
-                    x_even, x_odd = f32_halves(xp)
-                else:  # the weights rounded to x's dtype, as dequantize(x.dtype) gives them
-                    wp = pack_pair16(w_even, w_odd, x_ptr.dtype.element_ty, INTERPRET)
-                    w_even, w_odd = _half(wp, x_ptr.dtype.element_ty), _half(wp >> 16, x_ptr.dtype.element_ty)
-                    xp = xp.to(tl.uint32, bitcast=True)
-                    x_even, x_odd = _half(xp, x_ptr.dtype.element_ty), _half(xp >> 16, x_ptr.dtype.element_ty)
-                acc += w_even * x_even
-                acc += w_odd * x_odd
-            else:
-                word = blk[:, None] * WB + tl.arange(0, WB)[None, :]  # (R, WB)
-                w = tl.load(words_ptr + word, mask=ok[:, None], other=0)
-                # the 16-bit weight, as dequantize(x.dtype) returns it
-                v = cast(nf4_tile(w, a, qmap_ptr, table, LUT_GATHER), x_ptr.dtype.element_ty, INTERPRET)
-                xk = bcol[:, None] * (8 * WB) + tl.arange(0, 8 * WB)[None, :]  # (R, blocksize): x of those weights
-                xs = tl.load(x_ptr + xk, mask=ok[:, None], other=0.0).to(tl.float32)
-                acc += v.to(tl.float32) * xs
+            word = blk[:, None] * WB + tl.arange(0, WB)[None, :]  # (R, WB)
+            w = tl.load(words_ptr + word, mask=ok[:, None], other=0)
+            # the 16-bit weight, as dequantize(x.dtype) returns it
+            v = cast(nf4_tile(w, a, qmap_ptr, table, LUT_GATHER), x_ptr.dtype.element_ty, INTERPRET)
+            xk = bcol[:, None] * (8 * WB) + tl.arange(0, 8 * WB)[None, :]  # (R, blocksize): x of those weights
+            xs = tl.load(x_ptr + xk, mask=ok[:, None], other=0.0).to(tl.float32)
+            acc += v.to(tl.float32) * xs
         y = tl.sum(tl.reshape(tl.sum(acc, axis=1), (BLOCK_N, NB)), axis=1)
         rows_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     else:
@@ -213,8 +174,8 @@ def _check_config(config):
         v = getattr(config, name)
         if v < 1 or v & (v - 1):
             raise ValueError(f"config.{name} must be a power of 2, got {v}")
-    if config.lut not in ("load", "gather", "pairs"):
-        raise ValueError(f"config.lut must be 'load', 'gather' or 'pairs', got {config.lut!r}")
+    if config.lut not in ("load", "gather"):
+        raise ValueError(f"config.lut must be 'load' or 'gather', got {config.lut!r}")
     if config.split_k < 1 or config.num_stages < 1:
         raise ValueError(f"config.split_k and config.num_stages must be >= 1, got {config}")
 
@@ -265,12 +226,10 @@ def launch_gemv(x, w, y, config):
         block_k, chunk, split = BLOCK_K_GENERAL, 0, 1
     out = y if split == 1 else torch.empty((split, n), dtype=torch.float32, device=y.device)
     interpret = interpreting(x)
-    pairs = aligned and config.lut == "pairs"  # K is even: x as pairs of elements
-    xpairs = as_pairs(x) if pairs else x
     _gemv_nf4_kernel[(triton.cdiv(n, config.block_n), split)](
-        x, xpairs, w.packed, words, *absmax_buffers(w), w.quant_map, out, n, k, kw, chunk,
+        x, w.packed, words, *absmax_buffers(w), w.quant_map, out, n, k, kw, chunk,
         BS=w.blocksize, NESTED=w.double_quant, NESTED_BS=w.nested_blocksize, ALIGNED=aligned,
-        BLOCK_N=config.block_n, BLOCK_K=block_k, LUT_GATHER=config.lut == "gather", LUT_PAIRS=pairs,
+        BLOCK_N=config.block_n, BLOCK_K=block_k, LUT_GATHER=config.lut == "gather",
         NUM_STAGES=config.num_stages, INTERPRET=interpret, num_warps=config.num_warps,
         enable_fp_fusion=config.fp_fusion,
     )

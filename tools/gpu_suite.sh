@@ -60,6 +60,7 @@ E)
   #   q4 / b16: 8B QLoRA / 16-bit LoRA, 2048 x 4, hare --gc offload (stash auto) then Unsloth
   #   long: 8B QLoRA 32768 x 1, both; 1b: 1B QLoRA, both; auto: hare --gc auto --budget-gib 36, then a profile
   #   q4none: hare 8B QLoRA offload without stashed blocks; profile: hare 8B QLoRA offload with --profile 12
+  #   hf: hare 8B QLoRA offload, then HF+PEFT+bitsandbytes (the loss reference)
   R=$OUT/results.jsonl
   H() { timeout 150 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing|Error|profile:|idle gaps|^  "; }
   U() { OUT=$OUT bash .anchors/run_anchors.sh X 200 "$@" | grep -E "RESULT|rc="; }
@@ -73,6 +74,7 @@ E)
   1b) ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q; U unsloth_4bit 1b ;;
   auto) ck 8b; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 --profile 12 ;;
   q4none) ck 8b; H --ckpt /tmp/ckpt_8b $Q --stash none ;;
+  hf) ck 8b; H --ckpt /tmp/ckpt_8b $Q; U hf_bnb4 8b ;;
   profile) ck 8b; H --ckpt /tmp/ckpt_8b $Q --profile 12 ;;
   esac; done
   python3 .anchors/summarize.py "$R" --md ;;

@@ -3,7 +3,7 @@ with an explicit GPUTarget, then the ptxas and cuobjdump that ship in the triton
 instructions of its main loop are counted per weight, with registers and shared memory.
 
     python -m hare.tools.sass_nf4                      # the variants below
-    python -m hare.tools.sass_nf4 --gemv 2,256,4,pairs --dequant 4096,2,pairs --dtype bf16 fp16 [--out X.json]
+    python -m hare.tools.sass_nf4 --gemv 2,256,4,load --dequant 4096,2,load --dtype bf16 fp16 [--out X.json]
 
 GEMV variants: block_n,block_k,num_warps,lut[,split_k[,num_stages[,fp_fusion 0/1]]] (fp_fusion defaults to 1, as
 the sweep's); dequant: elements_per_program,num_warps,lut[,programs_per_sm[,num_stages[,streaming 0/1]]].
@@ -28,8 +28,8 @@ from ..quant import dequant as dq, gemv as gv
 TARGET = GPUTarget("cuda", 90, 32)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 PTR = {"bf16": "*bf16", "fp16": "*fp16", "fp32": "*fp32"}
-DEFAULT_GEMV = ["2,256,4,gather", "2,256,4,pairs", "2,128,2,gather", "2,128,2,pairs", "2,512,4,pairs"]
-DEFAULT_DEQUANT = ["2048,2,gather", "2048,2,pairs", "4096,2,pairs", "8192,4,pairs"]
+DEFAULT_GEMV = ["2,256,4,gather", "2,128,2,gather", "2,256,4,load"]
+DEFAULT_DEQUANT = ["2048,2,gather", "4096,2,gather", "4096,2,load"]
 
 
 def _compile(fn, signature, constexprs, divisible, **options):
@@ -74,11 +74,10 @@ def _loop(lines):
 
 def gemv_kernel(c, dtype):
     cons = dict(BS=64, NESTED=True, NESTED_BS=256, ALIGNED=True, BLOCK_N=c.block_n, BLOCK_K=max(c.block_k, 8),
-                LUT_GATHER=c.lut == "gather", LUT_PAIRS=c.lut == "pairs", NUM_STAGES=c.num_stages, INTERPRET=False)
-    sig = {"x_ptr": PTR[dtype], "xpairs_ptr": "*i64" if dtype == "fp32" else "*i32", "packed_ptr": "*u8",
-           "words_ptr": "*i32", "absmax_ptr": "*u8", "nabsmax_ptr": "*fp32", "nqmap_ptr": "*fp32",
-           "offset_ptr": "*fp32", "qmap_ptr": "*fp32", "out_ptr": PTR[dtype] if c.split_k == 1 else "*fp32",
-           "N": "i32", "K": "i32", "KW": "i32", "chunk": "i32"}
+                LUT_GATHER=c.lut == "gather", NUM_STAGES=c.num_stages, INTERPRET=False)
+    sig = {"x_ptr": PTR[dtype], "packed_ptr": "*u8", "words_ptr": "*i32", "absmax_ptr": "*u8",
+           "nabsmax_ptr": "*fp32", "nqmap_ptr": "*fp32", "offset_ptr": "*fp32", "qmap_ptr": "*fp32",
+           "out_ptr": PTR[dtype] if c.split_k == 1 else "*fp32", "N": "i32", "K": "i32", "KW": "i32", "chunk": "i32"}
     kernel = _compile(gv._gemv_nf4_kernel, sig, cons, ("N", "K", "KW", "chunk"), num_warps=c.num_warps,
                       enable_fp_fusion=c.fp_fusion)
     return kernel, c.block_n * max(c.block_k, 8) * 8 / (32 * c.num_warps)
@@ -86,12 +85,10 @@ def gemv_kernel(c, dtype):
 
 def dequant_kernel(c, dtype):
     cons = dict(WB=8, NBLK=max(1, c.elements_per_program // 64), NESTED=True, NESTED_BS=256,
-                LUT_GATHER=c.lut == "gather", LUT_PAIRS=c.lut == "pairs", NUM_STAGES=c.num_stages,
-                STREAMING=c.streaming, INTERPRET=False)
-    sig = {"words_ptr": "*i32", "bytes_ptr": "*u8", "absmax_ptr": "*u8", "nabsmax_ptr": "*fp32",
-           "nqmap_ptr": "*fp32", "offset_ptr": "*fp32", "qmap_ptr": "*fp32", "out_ptr": PTR[dtype],
-           "pairs_ptr": "*i64" if dtype == "fp32" else "*i32", "n": "i32", "nwords": "i32", "npairs": "i32"}
-    kernel = _compile(dq._dequant_nf4_kernel, sig, cons, ("n", "nwords", "npairs"), num_warps=c.num_warps,
+                LUT_GATHER=c.lut == "gather", NUM_STAGES=c.num_stages, STREAMING=c.streaming, INTERPRET=False)
+    sig = {"words_ptr": "*i32", "absmax_ptr": "*u8", "nabsmax_ptr": "*fp32", "nqmap_ptr": "*fp32",
+           "offset_ptr": "*fp32", "qmap_ptr": "*fp32", "out_ptr": PTR[dtype], "n": "i32", "nwords": "i32"}
+    kernel = _compile(dq._dequant_nf4_kernel, sig, cons, ("n", "nwords"), num_warps=c.num_warps,
                       enable_fp_fusion=False)
     return kernel, max(c.elements_per_program, 64) / (32 * c.num_warps)
 

@@ -57,14 +57,6 @@ def _sync():
 def dequant_variants():
     from hare.quant.dequant import DequantConfig as D
     return [
-        # lut "pairs" first (timed even on a short budget): 5.2-6.7 SASS instructions per element offline, 7.9 for
-        # the default (quant/dequant.py)
-        (D(2048, 2, "pairs"), "byte tiles, one lookup per byte, pairs stored as one integer"),
-        (D(4096, 2, "pairs"), "5.2 instructions per element"),
-        (D(4096, 4, "pairs"), ""),
-        (D(8192, 4, "pairs"), ""),
-        (D(4096, 2, "pairs", 0, 1, True), ""),
-        (D(4096, 2, "pairs", 8, 2), ""),
         (D(4096, 2, "load"), "the previous launch (42.7 us), now with 16-byte word loads"),
         (D(4096, 2, "gather"), "register table + tl.gather: fewer instructions"),
         (D(2048, 2, "gather"), "32 regs: 32 programs/SM"),
@@ -120,19 +112,9 @@ def gemv_variants():
     (triton.compile with a GPUTarget, no GPU): none spills; 48-96 registers and 12.7-14.4 SASS instructions per
     weight in the loop at <= 32 elements per thread, 160-204 registers (fewer programs per SM) and 10.2-10.5
     instructions at 64; lut "load" or no fp fusion add ~1 instruction. The big shapes keep a shorter list around
-    their current configs.
-    lut "pairs" (one table lookup per byte, 2-D byte tiles, packed 16-bit rounding; quant/gemv.py) comes first in
-    every list, so that a short budget still times it: offline it cuts the loop from 12.9 to 7.8 SASS
-    instructions per weight at 2 x 256 / 4 (bf16 x; 64 registers instead of 80), 7.6 at 64 elements per thread.
-    If the shapes are issue-bound rather than latency-bound, this is the variant that shows it."""
+    their current configs. (lut "pairs", timed here on 2026-11-29, was slower everywhere: quant/dequant.py.)"""
     g = _g
-
-    def p(*args, **kw):
-        return _g(*args, lut="pairs", **kw)
-
     small = [  # k/v 1024 x 4096: the 2 x 256 / 4 default makes 512 programs, < 4 per SM of 132
-        p(1, 256, 2), p(2, 256, 4), p(1, 128, 1), p(2, 128, 2), p(1, 512, 4), p(4, 128, 4), p(1, 256, 2, split_k=2),
-        p(2, 256, 4, split_k=2), p(2, 128, 2, num_stages=2),
         # one step per row: 1024 (1 row) or 512 / 256 programs, each with all its loads in flight at once
         g(1, 512, 2), g(1, 512, 4), g(1, 512, 8), g(2, 512, 4), g(2, 512, 8), g(4, 512, 8),
         # two steps
@@ -149,8 +131,6 @@ def gemv_variants():
         g(2, 256, 4, fp_fusion=False),
     ]
     square = [  # q/o 4096 x 4096: 1.74x with the default (2 x 256 / 4, 2048 programs, ~16 per SM), the one short
-        p(2, 256, 4), p(1, 256, 2), p(2, 128, 2), p(4, 128, 4), p(2, 512, 4), p(4, 256, 8), p(8, 128, 8),
-        p(2, 256, 4, num_stages=2), p(2, 256, 4, split_k=2), p(2, 256, 4, fp_fusion=False),
         g(1, 512, 2), g(1, 512, 4), g(1, 512, 8), g(2, 512, 4), g(2, 512, 8), g(4, 512, 8),
         g(1, 256, 1), g(1, 256, 2), g(1, 256, 4), g(2, 256, 2), g(2, 256, 4), g(2, 256, 8), g(4, 256, 4),
         g(4, 256, 8), g(8, 256, 8), g(2, 256, 4, num_stages=2), g(4, 256, 8, num_stages=2),
@@ -163,13 +143,11 @@ def gemv_variants():
         g(2, 256, 4, lut="load", fp_fusion=False),
     ]
     tall = [  # gate/up 14336 x 4096: 2.17x with the default (2 x 128 / 2); 7168 programs already fill the GPU
-        p(2, 128, 2), p(2, 256, 4), p(1, 256, 2), p(4, 128, 4), p(2, 128, 2, num_stages=2),
         g(2, 128, 2), g(1, 512, 2), g(1, 512, 4), g(2, 512, 8), g(1, 256, 2), g(2, 256, 4), g(4, 256, 8),
         g(4, 128, 4), g(8, 128, 8), g(8, 64, 4), g(2, 128, 2, num_stages=2), g(4, 128, 4, num_stages=2),
         g(2, 128, 2, lut="load"), g(2, 128, 2, fp_fusion=False),
     ]
     wide = [  # down 4096 x 14336 (1792 words per row): 2.01x with the default (2 x 256 / 4, no fusion)
-        p(2, 256, 4), p(1, 512, 4), p(4, 128, 4), p(2, 256, 4, num_stages=2), p(2, 256, 4, split_k=2),
         g(2, 256, 4), g(2, 256, 4, fp_fusion=False), g(1, 512, 4), g(1, 512, 8), g(2, 512, 8), g(4, 256, 8),
         g(1, 256, 2), g(4, 128, 4), g(8, 128, 8), g(2, 256, 4, num_stages=2), g(2, 256, 4, num_stages=3),
         g(4, 128, 4, num_stages=2), g(1, 512, 4, num_stages=2), g(2, 256, 4, split_k=2), g(4, 256, 8, split_k=2),

@@ -45,11 +45,10 @@ def test_several_programs_and_nested_blocks():
 # Every code path of the kernel, as tools/sweep_nf4.py launches them: table lookup by global load or tl.gather;
 # one tile per program or a persistent grid whose programs loop over several tiles (on the CPU sm_count is 1, so
 # programs_per_sm=3 makes 3 programs striding over the 11 tiles of 4 blocks of 64 below, the last one ragged);
-# pipelined loops; streaming hints; byte tiles written as pairs of elements (lut "pairs").
+# pipelined loops; streaming hints.
 CONFIGS = [DequantConfig(256, 2, "load"), DequantConfig(256, 2, "gather"), DequantConfig(256, 4, "gather", 3, 1),
            DequantConfig(128, 2, "gather", 3, 3, True), DequantConfig(512, 1, "load", 2, 2, True),
-           DequantConfig(16, 1, "gather"),  # 16 elements: less than a block, so one block per tile
-           DequantConfig(256, 2, "pairs"), DequantConfig(128, 2, "pairs", 3, 2, True), DequantConfig(16, 1, "pairs")]
+           DequantConfig(16, 1, "gather")]  # 16 elements: less than a block, so one block per tile
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -65,12 +64,10 @@ def test_config_preconditions():
     w = quantize_nf4(_weight((4, 64)))
     out = torch.empty(w.shape, device=DEVICE)
     for bad, match in [(DequantConfig(96, 2), "power of 2"), (DequantConfig(4, 2, "select"), "lut"),
+                       (DequantConfig(256, 2, "pairs"), "'load' or 'gather'"),  # removed (quant/dequant.py)
                        (DequantConfig(4, 2, "load", -1), "programs_per_sm"), ((64, 2), "DequantConfig")]:
         with pytest.raises(ValueError, match=match):
             launch_dequant(w, out, bad)
-    odd = quantize_nf4(_weight((3, 5)))
-    with pytest.raises(ValueError, match="15 elements are odd"):
-        launch_dequant(odd, torch.empty(odd.shape, device=DEVICE), DequantConfig(256, 2, "pairs"))
 
 
 def test_rounding_of_bf16_is_to_nearest_even():

@@ -48,12 +48,7 @@ SPLIT_CASES = [((1, 320), 64, GemvConfig(2, 8, 2, split_k=3)),
                ((37, 1088), 64, GemvConfig(16, 32, 4, split_k=2, fp_fusion=True)),
                ((9, 256), 128, GemvConfig(4, 8, 2, split_k=2, lut="gather")),
                ((5, 1088), 64, GemvConfig(2, 64, 4, lut="gather", num_stages=3, fp_fusion=True)),
-               ((13, 70), 64, GemvConfig(2, 8, 2, split_k=3, lut="gather", fp_fusion=True)),
-               # lut "pairs": byte tiles; ragged last step, split-K, blocksize 128, pipelining; K = 70 ignores it
-               ((37, 1088), 64, GemvConfig(4, 16, 2, lut="pairs", fp_fusion=True)),
-               ((1, 320), 64, GemvConfig(2, 8, 2, split_k=3, lut="pairs")),
-               ((9, 256), 128, GemvConfig(4, 8, 2, split_k=2, lut="pairs", num_stages=2)),
-               ((13, 70), 64, GemvConfig(2, 8, 2, lut="pairs"))]
+               ((13, 70), 64, GemvConfig(2, 8, 2, split_k=3, lut="gather", fp_fusion=True))]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
@@ -78,6 +73,7 @@ def test_config_table_and_preconditions():
     assert gemv_config(2 ** 20, 2 ** 20) == GEMV_CONFIGS[-1][2]  # the last row bounds nothing
     w = quantize_nf4(torch.randn(2, 64, device=DEVICE))
     for bad, match in [(GemvConfig(3, 8, 2), "power of 2"), (GemvConfig(2, 8, 2, lut="select"), "lut"),
+                       (GemvConfig(2, 8, 2, lut="pairs"), "'load' or 'gather'"),  # removed (quant/dequant.py)
                        (GemvConfig(2, 8, 2, split_k=0), "split_k"), ((2, 8, 2), "GemvConfig")]:
         with pytest.raises(ValueError, match=match):
             launch_gemv(torch.randn(1, 64, device=DEVICE), w, torch.empty(1, 2, device=DEVICE), bad)
@@ -93,10 +89,11 @@ def test_gemv_preconditions():
         gemv_nf4(torch.randn(64, device=DEVICE), quantize_nf4(torch.randn(2, 4, 64, device=DEVICE)))
 
 
-def test_offline_sass_of_the_pairs_variants(tmp_path):
+def test_offline_sass_counts(tmp_path):
     """tools/sass_nf4.py compiles the kernels for sm_90a without a GPU (the ptxas in triton's wheel) and counts the
-    SASS instructions of their loop per weight: it keeps working as the kernels' signatures change, and lut "pairs"
-    issues fewer instructions per weight than "gather" in both kernels (the reason it is in the GPU sweep). In a
+    SASS instructions of their loop per weight: it keeps working as the kernels' signatures change, the loop it
+    finds holds the table lookups (one shared-memory load per weight for lut "gather", a global one for "load"),
+    and "gather" issues fewer instructions per weight than "load" in both kernels, as their docstrings say. In a
     process of its own: this one runs Triton's interpreter, whose kernels cannot be compiled."""
     import json
     import os
@@ -104,12 +101,14 @@ def test_offline_sass_of_the_pairs_variants(tmp_path):
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "sass.json"
-    subprocess.run([sys.executable, "-m", "hare.tools.sass_nf4", "--gemv", "2,256,4,gather", "2,256,4,pairs",
-                    "--dequant", "2048,2,gather", "2048,2,pairs", "--out", str(out)], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "hare.tools.sass_nf4", "--gemv", "2,256,4,gather", "2,256,4,load",
+                    "--dequant", "2048,2,gather", "2048,2,load", "--out", str(out)], env=env, check=True,
                    capture_output=True)
     rows = {(r["kernel"], r["config"]["lut"]): r for r in json.loads(out.read_text())}
-    for key, row in rows.items():  # the table lookups are in the loop that was found
-        assert row["registers"] > 0 and row["opcodes_per_weight"].get("LDS", 0) > 0, key
+    assert len(rows) == 4, rows.keys()
+    for (kernel, lut), row in rows.items():
+        assert row["registers"] > 0, (kernel, lut)
+        assert row["opcodes_per_weight"].get("LDS" if lut == "gather" else "LDG", 0) >= 1, (kernel, lut, row)
     per_weight = {key: row["loop_per_weight"] for key, row in rows.items()}
-    assert per_weight["gemv", "pairs"] < 0.8 * per_weight["gemv", "gather"], per_weight
-    assert per_weight["dequant", "pairs"] < per_weight["dequant", "gather"], per_weight
+    for kernel in ("gemv", "dequant"):
+        assert per_weight[kernel, "gather"] < per_weight[kernel, "load"], per_weight
