@@ -112,10 +112,16 @@ SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBack
 
 def attend(q, k, v, scale, docs, window, softcap):
     """Training / prefill attention dispatch. The plain causal case goes to PyTorch's SDPA (flash / cuDNN on
-    the GPU, a fused CPU kernel here); packed documents, windows and softcapping go to kernels.attention."""
+    the GPU, a fused CPU kernel here); packed documents, windows and softcapping go to kernels.attention.
+    Under torch.use_deterministic_algorithms(True) the plain causal case on the GPU goes to kernels.attention
+    too: its backward has no atomics (bit-reproducible), while cuDNN's attention backward is nondeterministic by
+    default and is excluded by PyTorch's strict deterministic mode (pytorch/pytorch#182551, the SDPA determinism
+    table; karpathy/llm.c#652 saw cuDNN's backward differ between runs), which would leave flash, slower than
+    hare's kernel on the H200 (BENCHMARKS.md, attention)."""
     if window is not None and window >= q.shape[1]:
         window = None  # i - window < 0 <= j: the window hides nothing (Phi-3.5's 262144, Mistral's 4096 on short rows)
-    if docs is None and window is None and softcap is None:
+    plain = docs is None and window is None and softcap is None
+    if plain and not (q.is_cuda and torch.are_deterministic_algorithms_enabled()):
         args = (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         kw = dict(is_causal=True, scale=scale, enable_gqa=q.shape[2] != k.shape[2])
         if not q.is_cuda:

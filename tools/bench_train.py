@@ -10,6 +10,7 @@ tokens/s of the median step, peak max_memory_allocated. Appends one JSON line wi
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -90,7 +91,14 @@ def main(argv=None):
     p.add_argument("--tag", default="")
     p.add_argument("--profile", type=int, default=0,
                    help="after the timed steps, profile one more step and print the top N GPU kernels")
+    p.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms(True): bit-reproducible steps (attention on hare's "
+                        "kernel instead of cuDNN's, models/decoder.py attend)")
     args = p.parse_args(argv)
+    if args.deterministic:
+        # cuBLAS's condition for reproducible results when streams share its workspace (CUDA docs, cuBLAS
+        # "Results reproducibility"; torch refuses deterministic GEMMs without it): set before CUDA starts
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
     rec = dict(system=f"hare_{args.quant}", gc=args.gc, stash=args.stash if args.gc == "offload" else None,
                model=args.model, seq=args.seq, bs=args.bs,
@@ -102,6 +110,9 @@ def main(argv=None):
 
         import hare
 
+        if args.deterministic:
+            torch.use_deterministic_algorithms(True)
+        rec["deterministic"] = args.deterministic
         cuda = torch.cuda.is_available()
         dev = "cuda" if cuda else "cpu"
         sync = torch.cuda.synchronize if cuda else (lambda: None)

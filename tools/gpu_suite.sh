@@ -61,6 +61,7 @@ E)
   #   long: 8B QLoRA 32768 x 1, both; 1b: 1B QLoRA, both; auto: hare --gc auto --budget-gib 36, then a profile
   #   q4none: hare 8B QLoRA offload without stashed blocks; profile: hare 8B QLoRA offload with --profile 12
   #   hf: hare 8B QLoRA offload, then HF+PEFT+bitsandbytes (the loss reference)
+  #   det: hare 8B QLoRA offload twice with --deterministic (are the losses equal run to run, at what speed)
   R=$OUT/results.jsonl
   H() { timeout 150 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing|Error|profile:|idle gaps|^  "; }
   U() { OUT=$OUT bash .anchors/run_anchors.sh X 200 "$@" | grep -E "RESULT|rc="; }
@@ -75,6 +76,7 @@ E)
   auto) ck 8b; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 --profile 12 ;;
   q4none) ck 8b; H --ckpt /tmp/ckpt_8b $Q --stash none ;;
   hf) ck 8b; H --ckpt /tmp/ckpt_8b $Q; U hf_bnb4 8b ;;
+  det) ck 8b; H --ckpt /tmp/ckpt_8b $Q --deterministic; H --ckpt /tmp/ckpt_8b $Q --deterministic ;;
   profile) ck 8b; H --ckpt /tmp/ckpt_8b $Q --profile 12 ;;
   esac; done
   python3 .anchors/summarize.py "$R" --md ;;

@@ -14,3 +14,25 @@ def test_bench_train_smoke(tiny_llama, tmp_path, quant, gc):
     rec = json.loads(out.read_text())
     assert rec["status"] == "ok" and rec["system"] == f"hare_{quant}"
     assert len(rec["losses"]) == 3 and rec["tokens_per_s"] > 0 and rec["trainable_params"] > 0
+
+
+def test_bench_train_deterministic(tiny_llama, tmp_path, monkeypatch):
+    """--deterministic: the step runs under torch's deterministic mode (no op of it refuses) and says so; the
+    process-wide settings it makes are undone here for the tests that follow."""
+    import torch
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    was = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    out = tmp_path / "r.jsonl"
+    try:
+        for _ in range(2):
+            torch.manual_seed(0)  # the adapters' init draws from the global generator (a fresh process: its seed)
+            assert main(["--ckpt", str(tiny_llama), "--model", "tiny", "--quant", "4bit", "--gc", "offload",
+                         "--seq", "16", "--bs", "2", "--warmup", "1", "--steps", "1", "--vocab", "50",
+                         "--out", str(out), "--deterministic"]) == 0
+            assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    assert all(r["status"] == "ok" and r["deterministic"] for r in recs)
+    assert recs[0]["losses"] == recs[1]["losses"]
