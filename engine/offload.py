@@ -448,7 +448,19 @@ class LayerCheckpointing:
         self.offload = offload
         self.stash = Offloader() if offload else _Keep()
         self.mode = stash if offload else "none"
+        self.num_layers = num_layers
         self.planner = _LinkPlanner(num_layers) if self.mode == "auto" else None
+        self.standalone = True  # it sees every layer (False under AutoCheckpointing, which calls begin/end_forward)
+
+    def begin_forward(self, x):
+        """Layer 0 of a forward starts (the link planner times the first forwards of a token count)."""
+        if self.planner is not None and x.is_cuda:
+            self.planner.begin(x)
+
+    def end_forward(self, x):
+        """The last layer of a forward has been launched."""
+        if self.planner is not None and x.is_cuda:
+            self.planner.end()
 
     def _blocks(self, layer, x):
         if layer.sandwich:
@@ -457,11 +469,12 @@ class LayerCheckpointing:
             return STASH[self.mode]
         if not x.is_cuda:
             return ()
-        if layer.self_attn.layer_idx == 0:
-            self.planner.begin(x)
         return self.planner.blocks(layer, x)
 
     def __call__(self, layer, x, rope, doc_ids):
+        i = layer.self_attn.layer_idx
+        if self.standalone and self.planner is not None and i == 0:
+            self.begin_forward(x)
         params = [p for p in layer.parameters() if p.requires_grad]
         save_mid = self.offload and not layer.sandwich
         names = self._blocks(layer, x)
@@ -479,8 +492,8 @@ class LayerCheckpointing:
             return layer.recompute(inp, rope, doc_ids, *mids, blocks=blocks)
 
         y = CheckpointFunction.apply((forward, recompute), self.stash, x, *params)
-        if self.planner is not None and x.is_cuda and layer.self_attn.layer_idx == self.planner.num_layers - 1:
-            self.planner.end()
+        if self.standalone and self.planner is not None and i == self.num_layers - 1:
+            self.end_forward(x)
         return y
 
     def report(self) -> str:
@@ -491,18 +504,26 @@ class LayerCheckpointing:
 
 class AutoCheckpointing:
     """Mode "auto": each decoder layer either keeps its activations (plain autograd: no recompute) or is
-    checkpointed, decided in every forward, layer by layer, against a memory budget.
+    checkpointed with offload, decided in every forward, layer by layer, against a memory budget.
 
     Layer i keeps its activations when, after it, everything still fits:
         allocated now + a + (layers after i) * x_bytes + reserve <= budget
     with a = the memory one kept layer adds at this token count (measured on the first kept layer of that
-    size, an analytic upper bound until then), x_bytes = one checkpointed layer's saved input, and reserve = a +
-    margin: the recomputation of one checkpointed layer in backward, plus the loss's and optimizer's temporaries.
-    The first layers keep their activations and the later ones are checkpointed; the backward meets the
-    checkpointed ones first, while the kept activations are all still alive, which the reserve covers.
-    budget: bytes; None = what the device has (free + allocated by torch) when the first forward runs, minus
-    the margin. Offloading a kept layer's activations instead of recomputing it is not offered: at ~116 KiB
-    per token per Llama-8B layer the PCIe round trip costs about what the layer's recomputation does.
+    size, an analytic upper bound until then), x_bytes = what one checkpointed layer leaves on the device (0 on
+    the GPU, where its input and mid residual go to pinned host memory; on the CPU, the kept copies), and
+    reserve = a + margin: the recomputation of one checkpointed layer in backward, plus the loss's and
+    optimizer's temporaries. The first layers keep their activations and the later ones are checkpointed; the
+    backward meets the checkpointed ones first, while the kept activations are all still alive, which the
+    reserve covers. budget: bytes; None = what the device has (free + allocated by torch) when the first
+    forward runs, minus the margin.
+
+    The checkpointed layers are the "offload" mode's (LayerCheckpointing with offload and stash "auto"): their
+    inputs travel to the host, and attention's saved tensors too in as many of them as the host link carries
+    while the forward runs (_LinkPlanner, which times whole forwards, kept layers included), so that where the
+    link has room a checkpointed layer's attention is fetched back instead of recomputed; the stash's device
+    room is what the budget leaves above the peak so far. Offloading a kept layer's whole activations instead is
+    not offered: at ~116 KiB per token per Llama-8B layer the PCIe round trip costs about what the layer's
+    recomputation does.
 
     `plan` holds the latest forward's choice (kept and checkpointed layer indices); `report()` says it."""
 
@@ -512,7 +533,8 @@ class AutoCheckpointing:
         self.layer_bytes = layer_bytes  # fixed per-layer cost (tests); None = measure
         self.allocated = allocated      # () -> bytes in use (tests); None = torch.cuda.memory_allocated
         self.measured = {}              # tokens -> bytes a kept layer added
-        self.checkpointing = LayerCheckpointing(offload=False)
+        self.checkpointing = LayerCheckpointing(offload=True, stash="auto", num_layers=num_layers)
+        self.checkpointing.standalone = False  # begin_forward / end_forward come from here
         self.plan = {"kept": [], "checkpointed": []}
         self.tokens = 0
 
@@ -542,17 +564,23 @@ class AutoCheckpointing:
                     raise ValueError("checkpointing='auto' needs a budget on the CPU (no device memory to ask)")
                 free, _ = torch.cuda.mem_get_info(x.device)
                 self.budget = free + torch.cuda.memory_allocated(x.device) - self.margin
+            if x.is_cuda:  # the stash may add to the peak so far only what the budget leaves
+                self.checkpointing.planner.room = self.budget - torch.cuda.max_memory_allocated(x.device)
+            self.checkpointing.begin_forward(x)
         a = self._estimate(layer, x)
         later = self.num_layers - i - 1
-        need = allocated() + a + later * x.numel() * x.element_size() + a + self.margin
-        if need > self.budget:
+        x_bytes = 0 if x.is_cuda else x.numel() * x.element_size()
+        if allocated() + a + later * x_bytes + a + self.margin > self.budget:
             self.plan["checkpointed"].append(i)
-            return self.checkpointing(layer, x, rope, doc_ids)
-        before = allocated()
-        y = layer(x, rope, doc_ids)
-        if self.layer_bytes is None and (x.is_cuda or self.allocated is not None):  # the CPU has nothing to measure
-            self.measured[self.tokens] = max(self.measured.get(self.tokens, 0), allocated() - before)
-        self.plan["kept"].append(i)
+            y = self.checkpointing(layer, x, rope, doc_ids)
+        else:
+            before = allocated()
+            y = layer(x, rope, doc_ids)
+            if self.layer_bytes is None and (x.is_cuda or self.allocated is not None):  # nothing to measure on CPU
+                self.measured[self.tokens] = max(self.measured.get(self.tokens, 0), allocated() - before)
+            self.plan["kept"].append(i)
+        if i == self.num_layers - 1:
+            self.checkpointing.end_forward(x)
         return y
 
     def report(self) -> str:
@@ -560,8 +588,11 @@ class AutoCheckpointing:
         per = self.measured.get(self.tokens, self.layer_bytes)
         per = f"{per / 2**30:.2f} GiB per kept layer at {self.tokens} tokens" if per else "per-layer cost unmeasured"
         budget = f"{self.budget / 2**30:.1f} GiB" if self.budget is not None else "unset"
-        return (f"checkpointing auto: {kept} of {kept + ckpt} layers keep their activations, {ckpt} recomputed "
-                f"({per}; budget {budget})")
+        out = (f"checkpointing auto: {kept} of {kept + ckpt} layers keep their activations, {ckpt} recomputed "
+               f"({per}; budget {budget})")
+        if ckpt:
+            out += f"; recomputed layers offload their inputs, {self.checkpointing.planner.report}"
+        return out
 
 
 MODES = ("on", "offload", "auto")
@@ -570,7 +601,8 @@ MODES = ("on", "offload", "auto")
 def enable_checkpointing(model, mode: str = "on", budget_gib: float = None, stash: str = "auto"):
     """Checkpoint the decoder layers of `model`. mode "on": every layer, its input kept on the device;
     "offload": every layer, its input in pinned CPU memory; "auto": as many layers as `budget_gib` (default: the
-    device's memory minus 1 GiB) allows keep their activations, the rest are checkpointed (AutoCheckpointing).
+    device's memory minus 1 GiB) allows keep their activations, the rest are checkpointed as with "offload"
+    (AutoCheckpointing).
     stash ("offload" only): which blocks of a layer send their saved tensors to the host instead of being
     recomputed: "auto" attention in as many layers as the host link carries during the forward, or "all",
     "attention", "mlp", "none" in every layer (LayerCheckpointing, StashedBlocks).

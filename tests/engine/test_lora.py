@@ -497,6 +497,7 @@ def test_auto_checkpointing_keeps_what_fits(tiny_llama):
         assert torch.equal(x, y)
     assert n == 2 and hooks[0].plan == {"kept": [0], "checkpointed": [1]}
     assert "1 of 2 layers keep their activations, 1 recomputed" in hooks[0].report()
+    assert hooks[0].checkpointing.offload and "offload their inputs" in hooks[0].report()
 
 
 def test_auto_checkpointing_on_the_cpu_keeps_its_plan(tiny_llama):
