@@ -352,7 +352,7 @@ class LoRAMLPFunction(torch.autograd.Function):
     computes nothing but the (tokens x r) products x A^T and returns y uninitialised; the backward runs gate's
     and up's GEMMs itself, `rows` tokens at a time, each block's gradients taken before the next block's g and
     u exist. The (tokens x intermediate) tensors g, u, dh then never exceed `rows` tokens however long the
-    sequence (at Llama-3.1-8B's MLP, 86 kB per token: 5.4 GiB at 64k tokens, 0.7 GiB as 8192-token blocks), for
+    sequence (at Llama-3.1-8B's MLP, 86 kB per token: 5.3 GiB at 64k tokens, 0.66 GiB as 8192-token blocks), for
     the same GEMMs as the unchunked backward, and the gate / up / down weights of a 4-bit base are dequantized
     once for all blocks. The adapters' gradients are the sums of the blocks' (in fp32 for fp32 masters); x's
     rows are independent, so dx is the same.
@@ -394,10 +394,9 @@ class LoRAMLPFunction(torch.autograd.Function):
         ab, (xa_g, xa_u, ha_d) = rest[:6], rest[6:]
         need = ctx.needs_input_grad[7:] + ctx.needs_input_grad[:1]  # A_g B_g A_u B_u A_d B_d, then x
         dy2 = dy.reshape(-1, dy.shape[-1])
-        args = (ab, A_cat)
-        rest = (ctx.scales, ctx.act, ctx.folded, need, ctx.ab_dtypes)
+        shared = (ctx.scales, ctx.act, ctx.folded, need, ctx.ab_dtypes)
         if g is not None:  # saved by a forward with output
-            dx, grads = _mlp_backward(x2, g, u, dy2, *args, xa_g, xa_u, ha_d, ctx.weights, *rest)
+            dx, grads = _mlp_backward(x2, g, u, dy2, ab, A_cat, xa_g, xa_u, ha_d, ctx.weights, *shared)
         else:  # deferred (need_output=False): gate / up in blocks of rows (docstring)
             n, step = x2.shape[0], ctx.rows
             # dequantized once for all blocks (a 4-bit base); down's only when there are several blocks, else
@@ -409,7 +408,7 @@ class LoRAMLPFunction(torch.autograd.Function):
             for i in range(0, n, step):
                 part = [None if t is None else t[i:i + step] for t in (x2, xa_g, xa_u, dy2)]
                 g, u = _gate_up(part[0], weights, ctx.biases, ab, part[1], part[2], ctx.scales, ctx.folded)
-                dxb, gb = _mlp_backward(part[0], g, u, part[3], *args, *part[1:3], None, weights, *rest)
+                dxb, gb = _mlp_backward(part[0], g, u, part[3], ab, A_cat, *part[1:3], None, weights, *shared)
                 del g, u
                 if n <= step:
                     dx = dxb
