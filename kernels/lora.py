@@ -57,7 +57,7 @@ backend=None picks "triton" for CUDA tensors and "ref" otherwise. A LoRA module 
 The module protocol read here (nothing else is assumed): a projection module has `weight` (a tensor, or a 4-bit
 container with `.dequantize(dtype)`) and `bias` (tensor or None); a LoRA module also has `lora_A` and `lora_B`
 (modules whose `.weight` is A and B), `scaling` (s), `dropout` (probability) and `backend`. A plain
-`nn.Linear` is run as itself.
+`nn.Linear` is run as itself. An MLP module may set `rows` (lora_mlp's, default MLP_ROWS).
 """
 import torch
 import torch.nn.functional as F
@@ -559,5 +559,5 @@ def mlp(module, x, need_output=True):
         h = _act(module.act, _decode_one(mods[0], x), _decode_one(mods[1], x), _backend_of(mods, x))
         return _decode_one(mods[2], h)
     return lora_mlp(x, *[spec(m)[:5] for m in mods], act=module.act, backend=_backend_of(mods, x),
-                    need_output=need_output)
+                    need_output=need_output, rows=getattr(module, "rows", MLP_ROWS))
 
