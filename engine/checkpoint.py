@@ -558,16 +558,15 @@ def latest_checkpoint(output_dir):
         return None
     name = _read_json(pointer).get("checkpoint")
     path = os.path.join(root, str(name))
-    if not re.fullmatch(r"step-\d+", str(name)):
-        raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
-    if not os.path.isdir(path):
+    if re.fullmatch(r"step-\d+", str(name)):
+        if os.path.isdir(path):
+            return path
         # a re-save of this step killed between moving the old copy aside and moving the new one in: the aside
         # copy is complete (save_checkpoint)
-        aside = sorted(d for d in os.listdir(root) if re.fullmatch(rf"\.{name}\.old-\d+", d))
-        if not aside:
-            raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
-        return os.path.join(root, aside[-1])
-    return path
+        aside = sorted(d for d in os.listdir(root) if (m := _DEBRIS.fullmatch(d)) and m.group(1, 2) == (name, "old"))
+        if aside:
+            return os.path.join(root, aside[-1])
+    raise CheckpointError(f"{pointer}: names {name!r}, which is not a checkpoint directory")
 
 
 def load_checkpoint(path, model, optimizer) -> dict:

@@ -348,7 +348,8 @@ class _LinkPlanner:
         self.events = None    # (tokens, start, end) of the forward in flight
         self.tokens = 0
         self.host = None      # host bytes available for the stash (tests); None = _host_available() at the plan
-        self.room = None      # device bytes the stash may add to the peak (tests); None = _device_room() at the plan
+        self.room = None      # device bytes the stash may add to the peak (tests, AutoCheckpointing's budget); None =
+        #                       _device_room() at the plan
         self.report = "stashed blocks: none planned yet"  # what the latest plan chose
 
     @staticmethod
@@ -450,10 +451,10 @@ class LayerCheckpointing:
         self.mode = stash if offload else "none"
         self.num_layers = num_layers
         self.planner = _LinkPlanner(num_layers) if self.mode == "auto" else None
-        self.standalone = True  # it sees every layer (False under AutoCheckpointing, which calls begin/end_forward)
 
     def begin_forward(self, x):
-        """Layer 0 of a forward starts (the link planner times the first forwards of a token count)."""
+        """Layer 0 of a forward starts (the link planner times the first forwards of a token count). Called here
+        when layer 0 is checkpointed, by AutoCheckpointing when it keeps it; end_forward likewise."""
         if self.planner is not None and x.is_cuda:
             self.planner.begin(x)
 
@@ -473,7 +474,7 @@ class LayerCheckpointing:
 
     def __call__(self, layer, x, rope, doc_ids):
         i = layer.self_attn.layer_idx
-        if self.standalone and self.planner is not None and i == 0:
+        if i == 0:
             self.begin_forward(x)
         params = [p for p in layer.parameters() if p.requires_grad]
         save_mid = self.offload and not layer.sandwich
@@ -492,7 +493,7 @@ class LayerCheckpointing:
             return layer.recompute(inp, rope, doc_ids, *mids, blocks=blocks)
 
         y = CheckpointFunction.apply((forward, recompute), self.stash, x, *params)
-        if self.standalone and self.planner is not None and i == self.num_layers - 1:
+        if self.planner is not None and i == self.num_layers - 1:
             self.end_forward(x)
         return y
 
@@ -534,7 +535,6 @@ class AutoCheckpointing:
         self.allocated = allocated      # () -> bytes in use (tests); None = torch.cuda.memory_allocated
         self.measured = {}              # tokens -> bytes a kept layer added
         self.checkpointing = LayerCheckpointing(offload=True, stash="auto", num_layers=num_layers)
-        self.checkpointing.standalone = False  # begin_forward / end_forward come from here
         self.plan = {"kept": [], "checkpointed": []}
         self.tokens = 0
 
@@ -566,20 +566,20 @@ class AutoCheckpointing:
                 self.budget = free + torch.cuda.memory_allocated(x.device) - self.margin
             if x.is_cuda:  # the stash may add to the peak so far only what the budget leaves
                 self.checkpointing.planner.room = self.budget - torch.cuda.max_memory_allocated(x.device)
-            self.checkpointing.begin_forward(x)
         a = self._estimate(layer, x)
         later = self.num_layers - i - 1
         x_bytes = 0 if x.is_cuda else x.numel() * x.element_size()
         if allocated() + a + later * x_bytes + a + self.margin > self.budget:
             self.plan["checkpointed"].append(i)
-            y = self.checkpointing(layer, x, rope, doc_ids)
-        else:
-            before = allocated()
-            y = layer(x, rope, doc_ids)
-            if self.layer_bytes is None and (x.is_cuda or self.allocated is not None):  # nothing to measure on CPU
-                self.measured[self.tokens] = max(self.measured.get(self.tokens, 0), allocated() - before)
-            self.plan["kept"].append(i)
-        if i == self.num_layers - 1:
+            return self.checkpointing(layer, x, rope, doc_ids)  # it marks the forward's first and last layer
+        if i == 0:
+            self.checkpointing.begin_forward(x)
+        before = allocated()
+        y = layer(x, rope, doc_ids)
+        if self.layer_bytes is None and (x.is_cuda or self.allocated is not None):  # the CPU has nothing to measure
+            self.measured[self.tokens] = max(self.measured.get(self.tokens, 0), allocated() - before)
+        self.plan["kept"].append(i)
+        if later == 0:
             self.checkpointing.end_forward(x)
         return y
 

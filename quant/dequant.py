@@ -107,16 +107,6 @@ def nf4_tile(w, scale, qmap_ptr, table, LUT_GATHER: tl.constexpr):
 
 
 @triton.jit
-def _load(ptr, mask, STREAMING: tl.constexpr):
-    """tl.load(ptr, mask, other=0), evict-first when STREAMING (data read once). The stores stay inline: through
-    a helper like this one the word path compiled to 37 registers instead of 32 (sm_90a, triton 3.6). Used once, yet
-    kept: inlined, the fp32 output's loop took 1 more SASS instruction per 32 elements (bf16/fp16 unchanged)."""
-    if STREAMING:
-        return tl.load(ptr, mask=mask, other=0, eviction_policy="evict_first")
-    return tl.load(ptr, mask=mask, other=0)
-
-
-@triton.jit
 def _dequant_nf4_kernel(
     words_ptr,  # int32 (nwords,): the packed bytes as little-endian words (zero-padded to a whole word)
     absmax_ptr,  # uint8 codes (NESTED) or fp32 values, one per block
@@ -145,7 +135,10 @@ def _dequant_nf4_kernel(
         absmax = load_absmax(absmax_ptr, nabsmax_ptr, nqmap_ptr, offset_ptr, blk, blk < nblocks, NESTED,
                              NESTED_BS, INTERPRET)
         word = blk[:, None] * WB + tl.arange(0, WB)[None, :]  # (NBLK, WB)
-        w = _load(words_ptr + word, word < nwords, STREAMING)
+        if STREAMING:
+            w = tl.load(words_ptr + word, mask=word < nwords, other=0, eviction_policy="evict_first")
+        else:
+            w = tl.load(words_ptr + word, mask=word < nwords, other=0)
         vals = cast(nf4_tile(w, absmax, qmap_ptr, table, LUT_GATHER), out_ptr.dtype.element_ty, INTERPRET)
         elem = blk[:, None] * (8 * WB) + tl.arange(0, 8 * WB)[None, :]
         if STREAMING:

@@ -113,10 +113,10 @@ def _gemv_nf4_kernel(
             word = blk[:, None] * WB + tl.arange(0, WB)[None, :]  # (R, WB)
             w = tl.load(words_ptr + word, mask=ok[:, None], other=0)
             # the 16-bit weight, as dequantize(x.dtype) returns it
-            v = cast(nf4_tile(w, a, qmap_ptr, table, LUT_GATHER), x_ptr.dtype.element_ty, INTERPRET)
+            v = cast(nf4_tile(w, a, qmap_ptr, table, LUT_GATHER), x_ptr.dtype.element_ty, INTERPRET).to(tl.float32)
             xk = bcol[:, None] * (8 * WB) + tl.arange(0, 8 * WB)[None, :]  # (R, blocksize): x of those weights
             xs = tl.load(x_ptr + xk, mask=ok[:, None], other=0.0).to(tl.float32)
-            acc += v.to(tl.float32) * xs
+            acc += v * xs
         y = tl.sum(tl.reshape(tl.sum(acc, axis=1), (BLOCK_N, NB)), axis=1)
         rows_out = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     else:

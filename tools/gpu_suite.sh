@@ -84,11 +84,10 @@ L)
   # longest 8B QLoRA sequence at batch 1 of one system (`L unsloth_4bit` or `L hare`: one call each, a probe of
   # Unsloth costs 60-100 s with its compile), each probe its own process, under a GPU memory cap of CAP GiB
   # (default 16, the same for both; CAP=none for the whole GPU, where steps at the limit take minutes).
-  # Brackets (guesses: LO trains, HI does not; longest_seq moves a wrong one) sized for CAP=16 from the 32k peaks
-  # of run S4-3 (Unsloth 14.24 GiB, ~0.27 GiB per 1k tokens over its 5.5 GiB model; hare 10.9 GiB without stash,
-  # ~0.17): Unsloth ~39k, hare ~62k expected; STEP 2048, so that a ratio near 1.5x is resolved (4-5 probes).
+  # Brackets (guesses: LO trains, HI does not; longest_seq moves a wrong one) around the CAP=16 results of runs
+  # S6-2 / S6-4 (BENCHMARKS.md): Unsloth 40,960, hare 73,728; STEP 2048 resolves a ratio near 1.5x (4-5 probes).
   SYS=${2:-hare}; CAP=${CAP:-16}; CAPARG=$([ "$CAP" = none ] || echo "--cap-gib $CAP")
-  if [ "$SYS" = hare ]; then LO=${LO:-57344}; HI=${HI:-73728}; else LO=${LO:-36864}; HI=${HI:-45056}; fi
+  if [ "$SYS" = hare ]; then LO=${LO:-65536}; HI=${HI:-81920}; else LO=${LO:-36864}; HI=${HI:-45056}; fi
   [ -f /tmp/ckpt_8b/tokenizer.json ] || timeout 120 python3 .anchors/make_ckpt.py 8b /tmp/ckpt_8b
   timeout 540 python3 -m hare.tools.longest_seq --system "$SYS" --ckpt /tmp/ckpt_8b --lo $LO --hi $HI \
     --step ${STEP:-2048} $CAPARG --probe-timeout 150 --out "$OUT/longest.jsonl" 2>&1 | grep -E "^\{|LONGEST|holding" ;;
