@@ -10,10 +10,13 @@ Paths and names are PEFT's, so an adapter is a prefix away from PEFT's file: the
 `...q_proj.weight` (16-bit parameter, or the 4-bit base's tensors under the same names) and whose adapters are
 `...q_proj.lora_A.weight` / `...q_proj.lora_B.weight` (PEFT: `base_model.model.<path>.lora_A.weight`).
 
-Initialization is PEFT's default (peft/tuners/lora/layer.py, reset_lora_parameters with init_lora_weights=True):
-A ~ kaiming_uniform_(a=sqrt(5)) (torch's nn.Linear default), B = 0, so the adapted model starts equal to the base.
+Initialization is PEFT's default (init_lora_weights=True), number for number: A ~ kaiming_uniform_(a=sqrt(5))
+(torch's nn.Linear default, U(-1/sqrt(in), 1/sqrt(in))), B = 0, so the adapted model starts equal to the base.
+`torch.manual_seed(s); apply_lora(model)` (or `apply_lora(model, seed=s)`) gives the A that
+`torch.manual_seed(s); get_peft_model(hf_model, LoraConfig(...))` gives, bit for bit: see `peft_lora_A`.
 Adapters are kept in fp32 by default whatever the base dtype: they are the optimizer's master weights (PEFT's
-autocast_adapter_dtype does the same); kernels/lora.py casts them to the compute dtype at use.
+autocast_adapter_dtype does the same); kernels/lora.py casts them to the compute dtype at use. On a 16-bit base A
+starts on that dtype's grid (the fp32 draw rounded to bf16, then held in fp32), because PEFT's A does.
 """
 import math
 from dataclasses import dataclass, fields
@@ -44,7 +47,8 @@ class LoRAConfig:
     train_embeddings: bool = False   # also train model.embed_tokens fully (PEFT modules_to_save)
     train_lm_head: bool = False      # also train lm_head fully (untied models; with tied ones train embeddings)
     adapter_dtype: str = "float32"   # dtype of A and B (the optimizer's master weights)
-    seed: Optional[int] = None       # seed of A's init; None = torch's global generator (as PEFT)
+    seed: Optional[int] = None       # A's init: None = torch's global CPU generator (as PEFT); s = a fresh
+                                     # torch.Generator().manual_seed(s) (= torch.manual_seed(s) before PEFT)
 
     def __post_init__(self):
         self.targets = tuple([self.targets] if isinstance(self.targets, str) else self.targets)
@@ -78,23 +82,25 @@ class LoRALinear(nn.Module):
         self._init_lora(r, scale, dropout, dtype, backend, generator)
 
     def _init_lora(self, r, scale, dropout, dtype, backend, generator):
+        # skip_init: the modules without nn.Linear's own init, which would draw from the generator of the base's
+        # device; every number A gets comes from reset_lora_parameters' CPU draws
         device = self.weight.device
-        self.lora_A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        self.lora_B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        self.lora_A = nn.utils.skip_init(nn.Linear, self.in_features, r, bias=False, device=device, dtype=dtype)
+        self.lora_B = nn.utils.skip_init(nn.Linear, r, self.out_features, bias=False, device=device, dtype=dtype)
         self.r, self.scaling, self.dropout, self.backend = r, float(scale), float(dropout), backend
         self.reset_lora_parameters(generator)
 
     @torch.no_grad()
     def reset_lora_parameters(self, generator=None):
-        # PEFT: kaiming_uniform_(A, a=sqrt(5)), zeros_(B)
-        A = self.lora_A.weight
-        if generator is not None and generator.device != A.device:
-            # a generator fills tensors of its own device only: draw there, then copy (the same numbers)
-            a = torch.empty(A.shape, dtype=A.dtype, device=generator.device)
-            A.copy_(nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator))
-        else:
-            nn.init.kaiming_uniform_(A, a=math.sqrt(5), generator=generator)
-        nn.init.zeros_(self.lora_B.weight)
+        """A = PEFT's A for this module (peft_lora_A: three CPU draws from `generator`, None = torch's global one),
+        rounded to the base's dtype as PEFT moves it there, then stored in the adapter's dtype; B = 0."""
+        A = peft_lora_A(self.in_features, self.r, self.out_features, generator)
+        # PEFT casts the adapter to the base layer's dtype (a 16-bit base: bf16 rounds A) before its
+        # autocast_adapter_dtype upcasts it to fp32. A 4-bit base counts as its weight's dtype here, where PEFT
+        # takes bitsandbytes' compute_dtype: equal when bnb_4bit_compute_dtype is the model's dtype (the anchors:
+        # bf16); transformers' default compute dtype is fp32, which does not round (see peft_lora_A)
+        self.lora_A.weight.copy_(A.to(self.weight.dtype))
+        self.lora_B.weight.zero_()
 
     def forward(self, x):
         return lora_kernels.linear(self, x)
@@ -125,6 +131,41 @@ class LoRALinear4bit(LoRALinear, Linear4bit):
         w = self.weight
         return w.dequantize(dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else
                             torch.float32).to(dtype)
+
+
+def _kaiming_uniform_cpu(shape, generator):
+    """nn.Linear's default weight init, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), drawn in fp32 on the CPU."""
+    return nn.init.kaiming_uniform_(torch.empty(shape, dtype=torch.float32, device="cpu"), a=math.sqrt(5),
+                                    generator=generator)
+
+
+def peft_lora_A(in_features: int, r: int, out_features: int, generator=None) -> torch.Tensor:
+    """The (r, in_features) fp32 CPU tensor PEFT's default init gives lora_A of one target module, drawn from
+    `generator` (a CPU torch.Generator; None: torch's global CPU generator, advanced as PEFT advances it).
+
+    PEFT's sequence (peft 0.21.2; read in peft/tuners/lora/layer.py and tuners_utils.py, not copied):
+      - BaseTuner.inject_adapter (tuners_utils.py:879, 948-979) visits the targets in `model.named_modules()`
+        order, which is hare's order too (hare's paths and registration order are HF's), one at a time;
+      - LoraLayer.update_layer (layer.py:263-264) builds nn.Linear(in, r) and nn.Linear(r, out) on the CPU in
+        torch's default dtype (fp32 unless set_default_dtype changed it; hare always draws fp32): each
+        constructor runs nn.Linear.reset_parameters, kaiming_uniform_(a=sqrt 5), drawing r x in and then
+        out x r numbers from the global CPU generator (no biases: lora_bias=False);
+      - reset_lora_parameters (layer.py:312, 332-343) draws A again, kaiming_uniform_(a=sqrt 5), r x in, and
+        zeros B: the first two draws are thrown away, but they advance the generator;
+      - _move_adapter_to_device_of_base_layer (layer.py:314; tuners_utils.py:2149-2212) then moves the adapter
+        to the base weight's device and casts it to the base's dtype (a bitsandbytes 4-bit base: its
+        compute_dtype), and PeftModel.__init__ (peft_model.py:179) runs cast_adapter_dtype
+        (tuners_utils.py:2705), which upcasts fp16/bf16 adapters to fp32: on a bf16 base, A is the fp32 draw
+        rounded to bf16 (LoRALinear.reset_lora_parameters does the same rounding).
+    Phi-3 (fused qkv_proj / gate_up_proj, which hare splits into q/k/v and gate/up) has no PEFT-equal init:
+    PEFT's adapter there is one A of rank r shared by the parts, hare's are one A per part; each part draws this
+    sequence with its own shape."""
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator (PEFT draws on the CPU), got one on "
+                         f"{generator.device}")
+    _kaiming_uniform_cpu((r, in_features), generator)   # nn.Linear(in, r)'s own init: overwritten
+    _kaiming_uniform_cpu((out_features, r), generator)  # nn.Linear(r, out)'s own init: B is zeroed
+    return _kaiming_uniform_cpu((r, in_features), generator)  # reset_lora_parameters: A
 
 
 def _is_projection(module) -> bool:
@@ -162,6 +203,7 @@ def apply_lora(model: nn.Module, config: Optional[LoRAConfig] = None, backend=No
         raise ValueError("train_lm_head: this model ties lm_head to the embeddings; set train_embeddings")
     for p in model.parameters():
         p.requires_grad_(False)
+    # A's numbers are PEFT's for the same seed (peft_lora_A); `found` is in named_modules() order, as PEFT's
     generator = None
     if config.seed is not None:
         generator = torch.Generator().manual_seed(config.seed)

@@ -4,6 +4,7 @@
 Same setup as the anchors: a checkpoint written by the anchors' make_ckpt.py (Llama-3.1-8B or 3.2-1B shapes,
 seeded random bf16 weights), LoRA r=16 alpha=16 dropout 0 on q,k,v,o,gate,up,down, bf16 base, torch AdamW (fused)
 lr 2e-4, random token ids with labels = inputs from the same seeded generator, 3 warm-up + 10 timed steps,
+the LoRA A drawn from --seed as PEFT draws it after torch.manual_seed(seed) (B = 0),
 tokens/s of the median step, peak max_memory_allocated. Appends one JSON line with the anchors' field names.
 
     python -m hare.tools.bench_train --ckpt /tmp/ckpt_8b --quant 4bit --out results.jsonl [--seq 2048 --bs 4]
@@ -91,6 +92,9 @@ def main(argv=None):
     p.add_argument("--tag", default="")
     p.add_argument("--profile", type=int, default=0,
                    help="after the timed steps, profile one more step and print the top N GPU kernels")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the LoRA init (apply_lora(seed=...)): the same adapters in every process, and "
+                        "PEFT's for torch.manual_seed(seed) just before get_peft_model (engine/lora.py peft_lora_A)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): bit-reproducible steps (attention on hare's "
                         "kernel instead of cuDNN's, models/decoder.py attend)")
@@ -103,7 +107,7 @@ def main(argv=None):
     rec = dict(system=f"hare_{args.quant}", gc=args.gc, stash=args.stash if args.gc == "offload" else None,
                model=args.model, seq=args.seq, bs=args.bs,
                tokens_per_step=args.seq * args.bs, warmup=args.warmup, steps=args.steps, tag=args.tag,
-               status="started")
+               lora_seed=args.seed, status="started")
     t0 = time.time()
     try:
         import torch
@@ -122,7 +126,7 @@ def main(argv=None):
         tl = time.time()
         model = hare.load_model(args.ckpt, dtype=torch.bfloat16 if cuda else torch.float32, device=dev,
                                 load_in_4bit=args.quant == "4bit")
-        hare.apply_lora(model, r=16, alpha=16, dropout=0.0,
+        hare.apply_lora(model, r=16, alpha=16, dropout=0.0, seed=args.seed,
                         targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
         hook = None
         if args.gc != "off":

@@ -62,10 +62,18 @@ E)
   #   q4none: hare 8B QLoRA offload without stashed blocks; profile: hare 8B QLoRA offload with --profile 12
   #   hf: hare 8B QLoRA offload, then HF+PEFT+bitsandbytes (the issue's loss reference)
   #   det: hare 8B QLoRA offload twice with --deterministic (are the losses equal run to run, at what speed)
+  #   hfseed: hare 8B QLoRA offload, again with --deterministic, then HF+PEFT+bitsandbytes from the same LoRA init
   R=$OUT/results.jsonl
   H() { timeout 150 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing|Error|profile:|idle gaps|^  "; }
   U() { OUT=$OUT bash .anchors/run_anchors.sh X 200 "$@" | grep -E "RESULT|rc="; }
   ck() { [ -f /tmp/ckpt_$1/tokenizer.json ] || timeout 150 python3 .anchors/make_ckpt.py $1 /tmp/ckpt_$1; }
+  # the anchors' harness, unmodified, in a process whose global generator is seeded first (torch.manual_seed(0)):
+  # PEFT's LoRA A then equals hare's (bench_train --seed 0, engine/lora.py peft_lora_A), the same weights for a
+  # loss comparison (the harness itself seeds nothing before get_peft_model)
+  S() { [ -f /tmp/site/.done ] || { mkdir -p /tmp/site && tar -C /tmp/site -xJf .whl/site.tar.xz && touch /tmp/site/.done; }
+        PYTHONPATH=/tmp/site:$PYTHONPATH timeout 300 python3 -c "import runpy, sys, torch; torch.manual_seed(0); \
+sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" "$PWD/.anchors/bench_lora.py" \
+          --system $1 --model $2 --ckpt /tmp/ckpt_$2 --out "$R" --tag seeded 2>&1 | grep -E "RESULT|Error"; }
   Q="--quant 4bit --gc offload"
   for it in ${2:-q4 b16}; do case $it in
   q4) ck 8b; H --ckpt /tmp/ckpt_8b $Q; U unsloth_4bit 8b ;;
@@ -73,10 +81,11 @@ E)
   long) ck 8b; H --ckpt /tmp/ckpt_8b $Q --seq 32768 --bs 1 --warmup 3 --steps 4
         U unsloth_4bit 8b --seq 32768 --bs 1 --warmup 2 --steps 4 ;;
   1b) ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q; U unsloth_4bit 1b ;;
-  auto) ck 8b; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 --profile 12 ;;
+  auto) ck 8b; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 --profile 40 ;;
   q4none) ck 8b; H --ckpt /tmp/ckpt_8b $Q --stash none ;;
   hf) ck 8b; H --ckpt /tmp/ckpt_8b $Q; U hf_bnb4 8b ;;
   det) ck 8b; H --ckpt /tmp/ckpt_8b $Q --deterministic; H --ckpt /tmp/ckpt_8b $Q --deterministic ;;
+  hfseed) ck 8b; H --ckpt /tmp/ckpt_8b $Q; H --ckpt /tmp/ckpt_8b $Q --deterministic; S hf_bnb4 8b ;;
   profile) ck 8b; H --ckpt /tmp/ckpt_8b $Q --profile 12 ;;
   esac; done
   python3 .anchors/summarize.py "$R" --md ;;

@@ -89,14 +89,66 @@ def test_bad_targets_named(tiny_llama):
 
 
 def test_peft_init_distribution(tiny_llama):
-    """A: kaiming_uniform(a=sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)); B: zeros; seed reproducible."""
+    """A: kaiming_uniform(a=sqrt 5) = U(-1/sqrt(in), 1/sqrt(in)); B: zeros; a seed gives the same adapters in every
+    call (and another seed others), and leaves torch's global generator where it was."""
     m1 = apply_lora(load_model(tiny_llama), r=8, seed=5)
+    state = torch.get_rng_state()
     m2 = apply_lora(load_model(tiny_llama), r=8, seed=5)
-    for (_, a), (_, b) in zip(lora_modules(m1), lora_modules(m2)):
-        assert torch.equal(a.lora_A.weight, b.lora_A.weight)
+    assert torch.equal(torch.get_rng_state(), state)
+    m3 = apply_lora(load_model(tiny_llama), r=8, seed=6)
+    assert len(lora_modules(m1)) == len(lora_modules(m2)) == 2 * 7
+    for (p, a), (q, b), (_, c) in zip(lora_modules(m1), lora_modules(m2), lora_modules(m3)):
+        assert p == q and torch.equal(a.lora_A.weight, b.lora_A.weight) and not torch.equal(a.lora_A.weight,
+                                                                                             c.lora_A.weight)
         bound = a.in_features ** -0.5
         assert a.lora_A.weight.abs().max() <= bound and a.lora_A.weight.abs().max() > 0.8 * bound
-        assert not a.lora_B.weight.any()
+        assert not a.lora_B.weight.any() and not b.lora_B.weight.any()
+
+
+@pytest.fixture(scope="module")
+def llama_i96(tmp_path_factory):
+    """The tiny Llama (2 layers, hidden 64, 4 heads, 2 kv heads) with intermediate size 96."""
+    from tests.engine.conftest import save_tiny_llama
+    return str(save_tiny_llama(tmp_path_factory.mktemp("i96") / "llama", intermediate_size=96))
+
+
+@pytest.mark.parametrize("base", ["float32", "bfloat16", "nf4"])
+def test_init_draws_peft_numbers(llama_i96, base):
+    """torch.manual_seed(s) then apply_lora, or apply_lora(seed=s), gives every lora_A the bits that
+    torch.manual_seed(s) then get_peft_model gives (PEFT's discarded draws included, and on a bf16 base its
+    rounding of A to bf16 before the upcast to fp32; nf4: bitsandbytes' 4-bit base with bf16 compute), B = 0;
+    seed=None leaves the global generator where PEFT leaves it."""
+    transformers = pytest.importorskip("transformers")
+    dtype = torch.float32 if base == "float32" else torch.bfloat16
+    kw = {}
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes")
+        kw = dict(device_map={"": "cpu"}, quantization_config=transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16))
+    seed, prefix, suffix = 1234, "base_model.model.", ".lora_A.default.weight"
+    hf = transformers.LlamaForCausalLM.from_pretrained(llama_i96, dtype=dtype, **kw)
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(ALL)))
+    peft_next = torch.rand(8)  # where PEFT left the global generator
+    want = {n[len(prefix):-len(suffix)]: p.detach() for n, p in pm.named_parameters() if n.endswith(suffix)}
+    assert len(want) == 2 * 7 and all(a.dtype == torch.float32 for a in want.values())
+    if base != "float32":  # not vacuous: PEFT's A went through bf16
+        assert all(torch.equal(a, a.bfloat16().float()) for a in want.values())
+
+    def hare():
+        return load_model(llama_i96, dtype=dtype, load_in_4bit=base == "nf4")
+
+    global_model = hare()
+    torch.manual_seed(seed)
+    apply_lora(global_model, r=8, alpha=16)
+    assert torch.equal(torch.rand(8), peft_next)
+    for model in (global_model, apply_lora(hare(), r=8, alpha=16, seed=seed)):
+        got = dict(lora_modules(model))
+        assert sorted(got) == sorted(want)
+        for path, m in got.items():
+            assert m.lora_A.weight.dtype == torch.float32 and torch.equal(m.lora_A.weight, want[path]), path
+            assert m.lora_B.weight.shape == (m.out_features, 8) and not m.lora_B.weight.any(), path
 
 
 @pytest.mark.parametrize("backend", ["ref", "triton"])
