@@ -64,7 +64,8 @@ class DequantConfig(NamedTuple):
 # elements x 4 warps, lut "load"): within the run's noise. Persistent programs (with or without prefetch stages)
 # and streaming hints were slower (43.5-47 us). The previous launch (4096 x 2 warps, scalar word loads): 42.7 us.
 # Confirmed 2026-11-29 (run S6-1, commit 3ec3fba): this default 42.2 / 41.6 us, the best gather or load variant
-# ~41.6 us at 4096 x 14336.
+# ~41.6 us at 4096 x 14336. In its steady state (8 distinct weights back to back in a CUDA graph, tools/bench_nf4.py
+# bench_dequant_graph; run S7-4): 40.3 us at both shapes, 3667 GB/s = 86.4% of the 2 GiB copy (4243 GB/s).
 DEQUANT_CONFIG = DequantConfig(elements_per_program=2048, num_warps=2, lut="gather")
 
 

@@ -26,6 +26,11 @@ Static cost per weight, from the sm_90a SASS of the loop (compiled offline): 16.
 14.3 with one absmax per block (this tile), 13.9 with lut="gather", 12.9 adding fp_fusion. tools/sweep_nf4.py
 times them; GEMV_CONFIGS holds the choice per shape.
 lut="pairs" (a 256-entry table of byte -> two values) lost on the H200 and was removed: quant/dequant.py's docstring.
+Also tried and not kept (2026-11-29, run S7-4, BENCHMARKS.md): 4-D tiles (rows, blocks, words, bytes) with x read
+as bf16 pairs, which keep every tensor of the loop in one layout (no shared-memory round trip; 8.8-10.0 SASS
+instructions per weight instead of 12.9) but load one word per thread instead of 16-byte vectors: slower on the
+H200 at every shape (q/o best 12.6 us vs 12.4, gate/up 37.9 vs 34.7, the 2 x 256 / 4 config 15.5 us). The loop is
+bound by bytes in flight, not by issued instructions.
 """
 from typing import NamedTuple
 
