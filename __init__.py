@@ -5,8 +5,8 @@
     tok = hare.load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
     print(hare.generate(model, tok, "What is the capital of France?", chat=True))
 """
-from .engine import (DataError, LoRAConfig, TrainConfig, TrainResult, apply_lora, disable_checkpointing,
-                     enable_checkpointing, load_adapter, merge, prepare, save_adapter, train)
+from .engine import (CUDAGraphStep, DataError, LoRAConfig, TrainConfig, TrainResult, apply_lora,
+                     disable_checkpointing, enable_checkpointing, load_adapter, merge, prepare, save_adapter, train)
 from .engine.generate import generate, generate_ids
 from .models import (CausalLM, CausalLMOutput, CheckpointError, ConfigError, HareError, ModelConfig,
                      TemplateError, TokenizerError, UnsupportedModelError, load_model, save_model)

@@ -11,7 +11,7 @@ of layer i-1 is already on its way back (prefetch), so the transfers hide behind
 The autograd function (reentrant style, written out rather than torch.utils.checkpoint so that the saved
 input can be moved):
 
-    forward:  stash x; y = layer(x) without recording; remember the RNG state (dropout masks)
+    forward:  stash x; y = layer(x) without recording; remember the RNG state (adapter dropout masks, if any)
     backward: x = unstash; y = layer(x) recorded, with the same RNG state; (dx, d params) = vjp(y, dy)
 
 The recomputation asks the layer for the branches whose sum is y rather than y (DecoderLayer.recompute): y's
@@ -31,6 +31,8 @@ The layer's trainable parameters are explicit inputs of the function, so their g
 outputs even when x itself needs no gradient (layer 0 under frozen embeddings).
 """
 import torch
+
+from ..kernels import lora
 
 
 class _Keep:
@@ -268,15 +270,17 @@ class _Group:
 
 
 class CheckpointFunction(torch.autograd.Function):
-    """apply(layer_fns, stash, x, *params) with layer_fns = (forward, recompute): forward(x) -> (y, mids) runs
+    """apply(layer_fns, stash, rng, x, *params) with layer_fns = (forward, recompute): forward(x) -> (y, mids) runs
     unrecorded, x and the tensors `mids` are stashed; in backward recompute(x, mids) gives the branches whose sum
-    is y (a tuple), recorded, and their vjp with dy is the layer's. See the module docstring."""
+    is y (a tuple), recorded, and their vjp with dy is the layer's. rng: the layer draws random numbers (adapter
+    dropout), so the recomputation replays the forward's RNG state; without it no state is read or set (which
+    also keeps the step capturable in a CUDA graph: engine/graph.py). See the module docstring."""
 
     @staticmethod
-    def forward(ctx, layer_fns, stash, x, *params):
+    def forward(ctx, layer_fns, stash, rng, x, *params):
         ctx.recompute, ctx.stash = layer_fns[1], stash
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.cpu_rng = torch.get_rng_state() if rng else None
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if rng and x.is_cuda else None
         ctx.save_for_backward(*params)
         ctx.group = _Group(stash)  # stashed blocks of the forward join the same group
         with torch.no_grad():
@@ -287,19 +291,21 @@ class CheckpointFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         params = ctx.saved_tensors
-        need_x, need_p = ctx.needs_input_grad[2], ctx.needs_input_grad[3:]
+        need_x, need_p = ctx.needs_input_grad[3], ctx.needs_input_grad[4:]
         x, *mids = [ctx.stash.load(h) for h in ctx.handles]
         x = x.detach().requires_grad_(need_x)
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []), torch.enable_grad():
-            torch.set_rng_state(ctx.cpu_rng)  # the same dropout masks as in the forward
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        rng = ctx.cpu_rng is not None
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else [], enabled=rng), torch.enable_grad():
+            if rng:
+                torch.set_rng_state(ctx.cpu_rng)  # the same dropout masks as in the forward
+                if ctx.cuda_rng is not None:
+                    torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             branches = ctx.recompute(x, mids)
         wanted = ([x] if need_x else []) + [p for p, need in zip(params, need_p) if need]
         grads = list(torch.autograd.grad(branches, wanted, [dy] * len(branches), allow_unused=True))
         ctx.group.release()
         dx = grads.pop(0) if need_x else None
-        return (None, None, dx, *[grads.pop(0) if need else None for need in need_p])
+        return (None, None, None, dx, *[grads.pop(0) if need else None for need in need_p])
 
 
 def _host_available():
@@ -492,7 +498,8 @@ class LayerCheckpointing:
                 blocks.replay = True
             return layer.recompute(inp, rope, doc_ids, *mids, blocks=blocks)
 
-        y = CheckpointFunction.apply((forward, recompute), self.stash, x, *params)
+        rng = any(lora.has_dropout(m) for m in layer.modules())
+        y = CheckpointFunction.apply((forward, recompute), self.stash, rng, x, *params)
         if self.planner is not None and i == self.num_layers - 1:
             self.end_forward(x)
         return y

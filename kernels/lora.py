@@ -503,7 +503,8 @@ def _dropped(m, x):
                                                                           B.to(x.dtype))
 
 
-def _has_dropout(m):
+def has_dropout(m):
+    """Module m is a projection whose adapter draws a dropout mask in this mode (training, p > 0)."""
     return getattr(m, "lora_A", None) is not None and m.dropout > 0 and m.training
 
 
@@ -511,7 +512,7 @@ def _decoding(x, mods):
     """Batch-1 decoding of 4-bit projections: one row, no autograd, NF4 bases. These take the fused GEMV
     (quant/gemv.py: the weight read once at 4 bits, never dequantized whole) instead of the fused functions."""
     return (x.numel() == x.shape[-1] and not torch.is_grad_enabled()
-            and all(isinstance(m.weight, NF4Weight) and not _has_dropout(m) for m in mods))
+            and all(isinstance(m.weight, NF4Weight) and not has_dropout(m) for m in mods))
 
 
 def _decode_one(m, x):
@@ -528,7 +529,7 @@ def linear(module, x, need_output=True):
     lora_linears (only the fused path uses the hint)."""
     if is_plain(module):
         return module(x)
-    if _has_dropout(module):
+    if has_dropout(module):
         return _dropped(module, x)
     if _decoding(x, [module]):
         return _decode_one(module, x)
@@ -540,7 +541,7 @@ def qkv(attn, x, need_output=True):
     mods = (attn.q_proj, attn.k_proj, attn.v_proj)
     if all(is_plain(m) for m in mods):
         return tuple(m(x) for m in mods)
-    if any(_has_dropout(m) for m in mods):
+    if any(has_dropout(m) for m in mods):
         return tuple(linear(m, x) for m in mods)
     if _decoding(x, mods):
         return tuple(_decode_one(m, x) for m in mods)
@@ -552,7 +553,7 @@ def mlp(module, x, need_output=True):
     mods = (module.gate_proj, module.up_proj, module.down_proj)
     if all(is_plain(m) for m in mods):
         return module.down_proj(_act(module.act, module.gate_proj(x), module.up_proj(x)))
-    if any(_has_dropout(m) for m in mods):
+    if any(has_dropout(m) for m in mods):
         h = _act(module.act, linear(mods[0], x), linear(mods[1], x), _backend_of(mods, x))
         return linear(mods[2], h)
     if _decoding(x, mods):

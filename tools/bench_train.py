@@ -22,7 +22,7 @@ def gib(x):
     return round(x / 2**30, 3)
 
 
-def profile_step(model, opt, ids, top):
+def profile_step(run_step, top):
     """One more training step under torch.profiler: the top GPU kernels by total time and their share of the
     step's GPU time, and the step's GPU idle gaps (stretches with no kernel running, where the host is behind):
     their total and the largest, each with the kernels around it and the innermost host op running at its middle
@@ -32,9 +32,7 @@ def profile_step(model, opt, ids, top):
 
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model(ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        run_step()
         torch.cuda.synchronize()
     cuda = torch.autograd.DeviceType.CUDA
     kernels = [e for e in prof.key_averages() if e.device_type == cuda]
@@ -95,10 +93,15 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the LoRA init (apply_lora(seed=...)): the same adapters in every process, and "
                         "PEFT's for torch.manual_seed(seed) just before get_peft_model (engine/lora.py peft_lora_A)")
+    p.add_argument("--graph", action="store_true",
+                   help="replay each step from a CUDA graph (hare.CUDAGraphStep, captured in the last warm-up step; "
+                        "AdamW with capturable=True); checkpointing 'on', 'auto' keeping every layer, or 'off'")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): bit-reproducible steps (attention on hare's "
                         "kernel instead of cuDNN's, models/decoder.py attend)")
     args = p.parse_args(argv)
+    if args.graph and args.warmup < 2:
+        p.error("--graph needs --warmup >= 2 (eager warm-up steps, then the step that captures the graph)")
     if args.deterministic:
         # cuBLAS's condition for reproducible results when streams share its workspace (CUDA docs, cuBLAS
         # "Results reproducibility"; torch refuses deterministic GEMMs without it): set before CUDA starts
@@ -107,7 +110,7 @@ def main(argv=None):
     rec = dict(system=f"hare_{args.quant}", gc=args.gc, stash=args.stash if args.gc == "offload" else None,
                model=args.model, seq=args.seq, bs=args.bs,
                tokens_per_step=args.seq * args.bs, warmup=args.warmup, steps=args.steps, tag=args.tag,
-               lora_seed=args.seed, status="started")
+               lora_seed=args.seed, graph=args.graph, status="started")
     t0 = time.time()
     try:
         import torch
@@ -141,7 +144,19 @@ def main(argv=None):
         rec["trainable_params"] = sum(q.numel() for q in params)
         rec["trainable_dtypes"] = sorted({str(q.dtype) for q in params})
         model.train()
-        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=cuda)
+        opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.0, fused=cuda, capturable=args.graph)
+        if args.graph:  # the last warm-up step captures the graph (and runs it)
+            graphed = hare.CUDAGraphStep(model, opt, warmup=args.warmup - 1)
+
+            def run_step(ids):
+                return graphed(ids, labels=ids)
+        else:
+            def run_step(ids):
+                loss = model(ids, labels=ids).loss
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                return loss
         g = torch.Generator(device=dev).manual_seed(1234)
         n = args.warmup + args.steps
         batches = torch.randint(0, args.vocab, (n, args.bs, args.seq), device=dev, generator=g)
@@ -152,10 +167,7 @@ def main(argv=None):
             ids = batches[i]
             sync()
             t = time.perf_counter()
-            loss = model(ids, labels=ids).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss = run_step(ids)
             sync()
             times.append(time.perf_counter() - t)
             losses.append(float(loss.detach().float().item()))
@@ -176,7 +188,7 @@ def main(argv=None):
             print(rec["checkpointing"], flush=True)
         print("RESULT tok/s", rec["tokens_per_s"], "peak alloc", rec.get("peak_alloc_gib"), flush=True)
         if args.profile and cuda:
-            rec["profile"] = profile_step(model, opt, batches[-1], args.profile)
+            rec["profile"] = profile_step(lambda: run_step(batches[-1]), args.profile)
     except BaseException as e:  # record OOM / errors in the same JSON shape, then fail
         rec["status"] = "oom" if "out of memory" in str(e).lower() else "error"
         rec["error"] = f"{type(e).__name__}: {str(e)[:800]}"

@@ -37,3 +37,16 @@ def test_bench_train_deterministic(tiny_llama, tmp_path, monkeypatch):
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert all(r["status"] == "ok" and r["deterministic"] and r["lora_seed"] == 0 for r in recs)
     assert recs[0]["losses"] == recs[1]["losses"]
+
+
+def test_bench_train_graph_flags(tiny_llama, tmp_path):
+    """--graph needs two warm-up steps (eager, then the capture) and a CUDA model: on the CPU the run fails with
+    CUDAGraphStep's error, recorded in the JSON line."""
+    out = tmp_path / "r.jsonl"
+    args = ["--ckpt", str(tiny_llama), "--model", "tiny", "--quant", "16bit", "--gc", "on", "--seq", "16", "--bs",
+            "2", "--steps", "1", "--vocab", "50", "--out", str(out), "--graph"]
+    with pytest.raises(SystemExit):
+        main(args + ["--warmup", "1"])
+    assert main(args + ["--warmup", "2"]) == 1
+    rec = json.loads(out.read_text().splitlines()[-1])
+    assert rec["status"] == "error" and rec["graph"] and "CUDA device" in rec["error"]

@@ -1,0 +1,106 @@
+"""A training step captured as one CUDA graph and replayed: forward, backward and optimizer step in a single launch.
+
+Why. A LoRA step launches ~120 kernels per decoder layer (the GEMMs, the adapters' thin GEMMs, norms, rope,
+attention, SwiGLU, dequantization), each costing the host 5-40 us of Python and driver time. Where a layer's GPU
+work is short, the host cannot keep up and the GPU idles between kernels: Llama-3.2-1B QLoRA at 8192 tokens spent
+41 ms of a ~200 ms step in 338 idle gaps (BENCHMARKS.md, run S7-7), and the 8B "auto" step 21 ms of 499. Replaying
+a graph costs the host one launch, so the step runs at the speed of its kernels.
+
+How (PyTorch's whole-network capture, docs "CUDA Graphs"): the first `warmup` calls run eager steps on a side
+stream (Triton compiles, cuBLAS and cuDNN pick their kernels, the allocator and the checkpointing planner settle);
+the next call copies its batch into static input buffers and captures model(...).loss, loss.backward() and
+optimizer.step() into a graph, with the gradients set to None first so that backward allocates them in the graph's
+memory pool (each replay then writes them, not adds to them); it and every later call copy the batch in and replay.
+The math is the eager step's, kernel for kernel: a replay runs the captured launches on new data.
+
+What it needs, checked where it can be:
+- inputs of the same shapes and dtypes on every call (a new shape is an error: capture another CUDAGraphStep);
+- an optimizer whose step can be captured: torch's Adam/AdamW/SGD with capturable=True (its step count lives on
+  the device), and a learning rate that is a device tensor if it is to change between steps (a Python float is
+  baked into the graph);
+- checkpointing "on" or none, or "auto" when every layer keeps its activations: "offload" (and the layers "auto"
+  recomputes) copy through pinned host buffers allocated per step, which a graph cannot hold yet;
+- no randomness: adapter dropout reads and sets the RNG state around each recomputed layer (engine/offload.py).
+The loss returned is a copy of the graph's output (the next replay overwrites the original).
+
+Status: written 2026-11-29 in a session without device time; tests/engine/test_gpu.py compares it with the eager
+step (`bash tools/gpu_suite.sh T tests/engine/test_gpu.py`) and `gpu_suite.sh E graph` times it. Not yet run on a
+GPU: until those pass there, treat it as unverified.
+"""
+import torch
+
+from ..kernels import lora
+from .offload import AutoCheckpointing, LayerCheckpointing
+
+
+class CUDAGraphStep:
+    """step = CUDAGraphStep(model, optimizer); loss = step(input_ids, labels=..., doc_ids=..., position_ids=...):
+    one training step (zero_grad, forward, backward, optimizer.step) per call, replayed from a CUDA graph after
+    `warmup` eager calls. See the module docstring for what it needs."""
+
+    def __init__(self, model, optimizer, warmup: int = 3):
+        if warmup < 1:
+            raise ValueError(f"warmup must be >= 1 (the eager steps before the capture), got {warmup}")
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params or not all(p.is_cuda for p in params):
+            raise ValueError("CUDAGraphStep needs a model whose trainable parameters are on a CUDA device")
+        for group in optimizer.param_groups:
+            if not group.get("capturable", False):
+                raise ValueError(f"the optimizer must be created with capturable=True (its step count on the "
+                                 f"device), e.g. torch.optim.AdamW(params, fused=True, capturable=True); "
+                                 f"{type(optimizer).__name__} has capturable={group.get('capturable')}")
+        hook = getattr(model.model, "run_layer", None)
+        if isinstance(hook, LayerCheckpointing) and hook.offload:
+            raise ValueError("checkpointing 'offload' copies through pinned host buffers allocated in every step, "
+                             "which a CUDA graph cannot capture; use 'on', 'auto' or none")
+        if any(lora.has_dropout(m) for m in model.modules()):
+            raise ValueError("adapter dropout draws random masks whose RNG state checkpointing reads on the host; "
+                             "a CUDA graph step needs dropout=0")
+        self.model, self.optimizer, self.warmup = model, optimizer, warmup
+        self.calls, self.graph, self.static, self.loss = 0, None, None, None
+        self.stream = torch.cuda.Stream(params[0].device)
+
+    def _step(self, batch):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.model(**batch).loss
+        loss.backward()
+        self.optimizer.step()
+        return loss
+
+    def _check(self, batch):
+        got = {k: (tuple(v.shape), v.dtype, v.device) for k, v in batch.items()}
+        want = {k: (tuple(v.shape), v.dtype, v.device) for k, v in self.static.items()}
+        if got != want:
+            raise ValueError(f"the graph was captured for inputs {want}; got {got} (a new shape needs its own "
+                             f"CUDAGraphStep)")
+
+    def __call__(self, input_ids, labels=None, doc_ids=None, position_ids=None):
+        batch = {k: v for k, v in dict(input_ids=input_ids, labels=labels, doc_ids=doc_ids,
+                                       position_ids=position_ids).items() if v is not None}
+        if labels is None:
+            raise ValueError("labels are required: the graph captures a training step (loss, backward, step)")
+        self.calls += 1
+        current = torch.cuda.current_stream()
+        if self.calls <= self.warmup:  # eager, on a side stream, as PyTorch asks before a capture
+            self.stream.wait_stream(current)
+            with torch.cuda.stream(self.stream):
+                loss = self._step(batch).detach()
+            current.wait_stream(self.stream)
+            return loss
+        if self.graph is None:
+            hook = getattr(self.model.model, "run_layer", None)
+            if isinstance(hook, AutoCheckpointing) and hook.plan["checkpointed"]:
+                raise ValueError(f"checkpointing 'auto' recomputes layers {hook.plan['checkpointed']} with their "
+                                 f"inputs offloaded through pinned host buffers, which a CUDA graph cannot capture; "
+                                 f"raise the budget so that every layer keeps its activations, or use 'on'")
+            self.static = {k: v.clone() for k, v in batch.items()}
+            self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.loss = self._step(self.static)
+        else:
+            self._check(batch)
+            for k, v in batch.items():
+                self.static[k].copy_(v)
+        self.graph.replay()  # the capture only recorded the step: the call that captured runs it here too
+        return self.loss.detach().clone()
