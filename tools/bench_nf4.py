@@ -157,8 +157,8 @@ DEQUANT_GRAPH_WEIGHTS = 8  # distinct weights per dequant graph: 8 x (29 MB read
 def bench_dequant_graph(ceiling):
     """Dequantization in its steady state (module docstring, 5): one CUDA graph runs the library's dequant of
     DEQUANT_GRAPH_WEIGHTS distinct weights into fresh outputs back to back, another copies as many bytes per call
-    with an elementwise kernel on the SMs (a bf16 tensor of moved // 4 elements times 1: in a graph a clone
-    becomes a memcpy node served by the copy engines, 61% of the ceiling in run S7-4, not a like-for-like), a
+    with an elementwise kernel on the SMs (a bf16 tensor of moved // 4 elements times 1; a clone reached only 61%
+    of the ceiling there in run S7-4, likely as a memcpy node served by the copy engines), a
     third fills the outputs (write only); per call = replay / calls. Each replay is first checked against a direct
     call (bit for bit)."""
     from hare.quant import dequantize_nf4, quantize_nf4
