@@ -18,8 +18,10 @@ What it needs, checked where it can be:
 - an optimizer whose step can be captured: torch's Adam/AdamW/SGD with capturable=True (its step count lives on
   the device), and a learning rate that is a device tensor if it is to change between steps (a Python float is
   baked into the graph);
-- checkpointing "on" or none, or "auto" when every layer keeps its activations: "offload" (and the layers "auto"
-  recomputes) copy through pinned host buffers allocated per step, which a graph cannot hold yet;
+- any checkpointing mode. With "offload" (and the layers "auto" recomputes) the offloader keeps its pinned host
+  buffers and reuses them by their place in the step (Offloader.persistent), so that the graph's copies always
+  target the same memory; the link planner must have finished timing before the capture (warmup >= 3: it times
+  the first two forwards of a length and plans in the third);
 - no randomness: adapter dropout reads and sets the RNG state around each recomputed layer (engine/offload.py).
 The loss returned is a copy of the graph's output (the next replay overwrites the original).
 
@@ -50,12 +52,16 @@ class CUDAGraphStep:
                                  f"device), e.g. torch.optim.AdamW(params, fused=True, capturable=True); "
                                  f"{type(optimizer).__name__} has capturable={group.get('capturable')}")
         hook = getattr(model.model, "run_layer", None)
-        if isinstance(hook, LayerCheckpointing) and hook.offload:
-            raise ValueError("checkpointing 'offload' copies through pinned host buffers allocated in every step, "
-                             "which a CUDA graph cannot capture; use 'on', 'auto' or none")
+        layers = hook.checkpointing if isinstance(hook, AutoCheckpointing) else hook
+        offload = isinstance(layers, LayerCheckpointing) and layers.offload
+        if offload and layers.planner is not None and warmup < 3:
+            raise ValueError(f"checkpointing's link planner times the first two forwards and plans in the third, "
+                             f"which a capture cannot hold: warmup must be >= 3, got {warmup}")
         if any(lora.has_dropout(m) for m in model.modules()):
             raise ValueError("adapter dropout draws random masks whose RNG state checkpointing reads on the host; "
                              "a CUDA graph step needs dropout=0")
+        if offload:
+            layers.stash.persistent = True  # the graph's host copies need fixed buffers
         self.model, self.optimizer, self.warmup = model, optimizer, warmup
         self.calls, self.graph, self.static, self.loss = 0, None, None, None
         self.stream = torch.cuda.Stream(params[0].device)
@@ -88,11 +94,6 @@ class CUDAGraphStep:
             current.wait_stream(self.stream)
             return loss
         if self.graph is None:
-            hook = getattr(self.model.model, "run_layer", None)
-            if isinstance(hook, AutoCheckpointing) and hook.plan["checkpointed"]:
-                raise ValueError(f"checkpointing 'auto' recomputes layers {hook.plan['checkpointed']} with their "
-                                 f"inputs offloaded through pinned host buffers, which a CUDA graph cannot capture; "
-                                 f"raise the budget so that every layer keeps its activations, or use 'on'")
             self.static = {k: v.clone() for k, v in batch.items()}
             self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
             self.graph = torch.cuda.CUDAGraph()

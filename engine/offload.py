@@ -68,27 +68,50 @@ class Offloader:
         self.fetched = {}    # group -> [device tensor (CPU), or (device tensor, arrival event) (CUDA)]
         self.group = -1
         self.stream = None
+        # persistent (engine/graph.py sets it): the host buffers are kept and reused by their place in the step
+        # (the n-th save of every forward writes the n-th buffer), so that a CUDA graph's copies always target
+        # the same memory; it assumes each forward's backward runs before the next forward (a graph step).
+        # Otherwise each save takes a fresh buffer from torch's caching host allocator.
+        self.persistent = False
+        self.pool, self.position = [], 0
 
     def _side_stream(self, device):
         if self.stream is None or self.stream.device != device:
             self.stream = torch.cuda.Stream(device)
         return self.stream
 
+    def begin_forward(self):
+        """A forward starts: persistent buffers are handed out from the first again."""
+        self.position = 0
+
     def begin_group(self):
         self.group += 1
         self.saved[self.group] = []
         return self.group
 
+    def _host(self, x):
+        """A host tensor shaped like x (same strides: a transposed view, attention's saved output, copies as one
+        dense block and comes back as the same view); pinned for a CUDA x."""
+        def fresh():
+            return torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, pin_memory=x.is_cuda)
+        if not self.persistent:
+            return fresh()
+        i, self.position = self.position, self.position + 1
+        if i == len(self.pool):
+            self.pool.append(fresh())
+        elif (self.pool[i].size(), self.pool[i].stride(), self.pool[i].dtype) != (x.size(), x.stride(), x.dtype):
+            self.pool[i] = fresh()  # another shape at this place (a warm-up step of another length)
+        return self.pool[i]
+
     def save(self, x):
         """Send x to the host (CUDA) or keep a copy (CPU); returns its handle (group, index)."""
         slots = self.saved[self.group]
         if not x.is_cuda:
-            slots.append((x.detach().clone(), None, x.device))
+            host = self._host(x) if self.persistent else None
+            slots.append((x.detach().clone() if host is None else host.copy_(x.detach()), None, x.device))
         else:
             stream = self._side_stream(x.device)
-            # same strides: a transposed view (attention's saved output) copies as one dense block and comes back
-            # as the same view; torch's caching host allocator reuses these buffers
-            host = torch.empty_strided(x.size(), x.stride(), dtype=x.dtype, pin_memory=True)
+            host = self._host(x)  # torch's caching host allocator reuses the fresh ones too
             stream.wait_stream(torch.cuda.current_stream(x.device))  # x is fully written before the copy reads it
             with torch.cuda.stream(stream):
                 host.copy_(x, non_blocking=True)
@@ -459,8 +482,11 @@ class LayerCheckpointing:
         self.planner = _LinkPlanner(num_layers) if self.mode == "auto" else None
 
     def begin_forward(self, x):
-        """Layer 0 of a forward starts (the link planner times the first forwards of a token count). Called here
-        when layer 0 is checkpointed, by AutoCheckpointing when it keeps it; end_forward likewise."""
+        """Layer 0 of a forward starts (the link planner times the first forwards of a token count; persistent
+        host buffers start over). Called here when layer 0 is checkpointed, by AutoCheckpointing when it keeps
+        it; end_forward likewise."""
+        if self.offload:
+            self.stash.begin_forward()
         if self.planner is not None and x.is_cuda:
             self.planner.begin(x)
 

@@ -95,7 +95,8 @@ def main(argv=None):
                         "PEFT's for torch.manual_seed(seed) just before get_peft_model (engine/lora.py peft_lora_A)")
     p.add_argument("--graph", action="store_true",
                    help="replay each step from a CUDA graph (hare.CUDAGraphStep, captured in the last warm-up step; "
-                        "AdamW with capturable=True); checkpointing 'on', 'auto' keeping every layer, or 'off'")
+                        "AdamW with capturable=True); with --gc offload or auto give --warmup 4 (the link planner "
+                        "times and plans in the first three forwards)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): bit-reproducible steps (attention on hare's "
                         "kernel instead of cuDNN's, models/decoder.py attend)")

@@ -63,8 +63,8 @@ E)
   #   hf: hare 8B QLoRA offload, then HF+PEFT+bitsandbytes (the loss reference)
   #   det: hare 8B QLoRA offload twice with --deterministic (are the losses equal run to run, at what speed)
   #   hfseed: hare 8B QLoRA offload, again with --deterministic, then HF+PEFT+bitsandbytes from the same LoRA init
-  #   graph: 1B QLoRA checkpointing 'on' eager and from a CUDA graph (twice each, alternating: the 1B step is
-  #          host-bound), then 8B auto from a graph
+  #   graph: 1B QLoRA offload eager and from a CUDA graph (twice each, alternating: the 1B step is host-bound),
+  #          then 8B QLoRA offload and auto from a graph
   R=$OUT/results.jsonl
   H() { timeout 150 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing|Error|profile:|idle gaps|^  "; }
   U() { OUT=$OUT bash .anchors/run_anchors.sh X 200 "$@" | grep -E "RESULT|rc="; }
@@ -88,8 +88,9 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" "$PWD
   hf) ck 8b; H --ckpt /tmp/ckpt_8b $Q; U hf_bnb4 8b ;;
   det) ck 8b; H --ckpt /tmp/ckpt_8b $Q --deterministic; H --ckpt /tmp/ckpt_8b $Q --deterministic ;;
   hfseed) ck 8b; H --ckpt /tmp/ckpt_8b $Q; H --ckpt /tmp/ckpt_8b $Q --deterministic; S hf_bnb4 8b ;;
-  graph) ck 1b; for g in "" --graph "" --graph; do H --ckpt /tmp/ckpt_1b --model 1b --quant 4bit --gc on $g; done
-         ck 8b; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 --graph --profile 12 ;;
+  graph) G="--graph --warmup 4"  # 3 eager warm-up steps (the link planner's), the capture in the 4th
+         ck 1b; for g in "" "$G" "" "$G"; do H --ckpt /tmp/ckpt_1b --model 1b $Q $g; done
+         ck 8b; H --ckpt /tmp/ckpt_8b $Q $G; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 $G --profile 12 ;;
   profile) ck 8b; H --ckpt /tmp/ckpt_8b $Q --profile 12 ;;
   esac; done
   python3 .anchors/summarize.py "$R" --md ;;

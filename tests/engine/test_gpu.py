@@ -223,13 +223,14 @@ def test_auto_checkpointing_mixes_kept_and_offloaded_layers(tmp_path):
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("mode,quant", [(None, False), ("on", True), ("auto", True)])
+@pytest.mark.parametrize("mode,quant", [(None, False), ("on", True), ("auto", True), ("offload", True)])
 def test_cuda_graph_step_trains_as_the_eager_step(tmp_path, mode, quant):
     """engine/graph.py: CUDAGraphStep's steps (3 eager, then a capture and replays) give the eager loop's losses,
-    from the same init and batches, with no checkpointing, with 'on' and with 'auto' under a budget that keeps every
-    layer, 16-bit and 4-bit bases; fp32 so that the only differences are GEMM algorithm choices (cuBLAS may pick
-    others inside a capture): within 1e-5 relative. The graph must exist and replay from the fourth call; a
-    changed shape is refused."""
+    from the same init and batches, with no checkpointing, with 'on', with 'auto' under a budget that keeps every
+    layer and with 'offload' (persistent pinned buffers; attention stashed where the planner puts it), 16-bit and
+    4-bit bases; fp32 so that the only differences are GEMM algorithm choices (cuBLAS may pick others inside a
+    capture): within 1e-5 relative. The graph must exist and replay from the fourth call; a changed shape is
+    refused."""
     from hare import load_model
     from hare.engine.graph import CUDAGraphStep
     from hare.engine.lora import apply_lora, trainable_parameters
@@ -270,8 +271,8 @@ def test_cuda_graph_step_trains_as_the_eager_step(tmp_path, mode, quant):
 
 
 def test_cuda_graph_step_refuses_what_it_cannot_capture(tmp_path):
-    """An optimizer without capturable=True, checkpointing 'offload', adapter dropout: clear errors, before
-    anything runs."""
+    """An optimizer without capturable=True, fewer than 3 warm-up steps under the link planner, adapter dropout:
+    clear errors, before anything runs."""
     from hare import load_model
     from hare.engine.graph import CUDAGraphStep
     from hare.engine.lora import apply_lora, trainable_parameters
@@ -284,8 +285,8 @@ def test_cuda_graph_step_refuses_what_it_cannot_capture(tmp_path):
         CUDAGraphStep(model, torch.optim.AdamW(params, fused=True))
     opt = torch.optim.AdamW(params, fused=True, capturable=True)
     enable_checkpointing(model, "offload")
-    with pytest.raises(ValueError, match="offload"):
-        CUDAGraphStep(model, opt)
+    with pytest.raises(ValueError, match="warmup must be >= 3"):
+        CUDAGraphStep(model, opt, warmup=2)
     dropped = apply_lora(load_model(str(tmp_path / "m"), dtype=torch.float32, device="cuda"), r=4, seed=0,
                          dropout=0.1)
     with pytest.raises(ValueError, match="dropout"):

@@ -37,3 +37,29 @@ def test_checkpointing_without_dropout_reads_no_rng_state(tiny_llama, monkeypatc
     monkeypatch.setattr(torch, "get_rng_state", lambda: reads.append(1) or real())
     model(ids, labels=ids).loss.backward()
     assert len(reads) >= model.config.num_hidden_layers  # the forward saves it per layer (fork_rng reads it too)
+
+
+def test_persistent_offload_buffers_are_reused_and_change_nothing(tiny_llama):
+    """Offloader.persistent (what CUDAGraphStep sets): the n-th save of every forward writes the same buffer, and
+    training is bit for bit what fresh buffers give (offload mode with attention and MLP stashed, 3 steps); the
+    same buffers serve every step."""
+    g = torch.Generator().manual_seed(0)
+    batches = torch.randint(0, 272, (3, 2, 24), generator=g)
+    runs = []
+    for persistent in (False, True):
+        model = hare.apply_lora(hare.load_model(tiny_llama), r=4, seed=0)
+        hook = hare.enable_checkpointing(model, "offload", stash="all")
+        hook.stash.persistent = persistent
+        opt = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-2)
+        losses, pools = [], []
+        for ids in batches:
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+            pools.append([t.data_ptr() for t in hook.stash.pool])
+        runs.append((losses, [p.detach().clone() for p in trainable_parameters(model).values()]))
+    (l0, p0), (l1, p1) = runs
+    assert l0 == l1 and all(torch.equal(a, b) for a, b in zip(p0, p1))
+    assert pools[0] and pools[0] == pools[1] == pools[2]  # the persistent run's buffers, step after step
