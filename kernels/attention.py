@@ -629,8 +629,9 @@ def _config(D, interp, dtype=torch.bfloat16, docs=False, smem=None):
         s3 8.286, s4 8.466; 64 x 64 x 4 warps s3 8.613. 128 keys per program keep dK, dV (2 x 128 x 128 fp32) in
         registers. Compiled offline for sm_90a (ptxas -v, triton 3.6, bf16, 2026-11-29): all three kernels use 255
         registers; dK/dV spills (176 bytes stored, 220 loaded per thread), with 33 local loads in each iteration
-        of its main loop (24 wgmma); the forward's 24 bytes of spill sit outside its loops, and dQ has none. The
-        slowest kernel of the three is the one that reloads from local memory in its loop: a lead for it.
+        of its main loop (24 wgmma); the forward's 24 bytes of spill sit outside its loops, and dQ has none. Spills
+        are not what limits dK/dV: the 32 x 128 tile spills 8 bytes and reloads nothing in its loop, and it timed
+        slower above (8.286 ms); reloading k and v in the loop instead of holding them still spills 156 bytes.
       Whole forward + backward: 15.811 ms with the three chosen in that run, 15.514 with all three unsplit;
         a re-run (S3-4, commit a9c4bd3, the chosen set as the library default) gave 15.068 ms chosen,
         15.391 all unsplit, 15.543 for its own per-kernel best, FlexAttention 15.935; forward 3.562 chosen vs
