@@ -81,10 +81,10 @@ class CUDAGraphStep:
                              f"CUDAGraphStep)")
 
     def __call__(self, input_ids, labels=None, doc_ids=None, position_ids=None):
-        batch = {k: v for k, v in dict(input_ids=input_ids, labels=labels, doc_ids=doc_ids,
-                                       position_ids=position_ids).items() if v is not None}
         if labels is None:
             raise ValueError("labels are required: the graph captures a training step (loss, backward, step)")
+        batch = {k: v for k, v in dict(input_ids=input_ids, labels=labels, doc_ids=doc_ids,
+                                       position_ids=position_ids).items() if v is not None}
         self.calls += 1
         current = torch.cuda.current_stream()
         if self.calls <= self.warmup:  # eager, on a side stream, as PyTorch asks before a capture
