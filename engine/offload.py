@@ -72,8 +72,13 @@ class Offloader:
         # (the n-th save of every forward writes the n-th buffer), so that a CUDA graph's copies always target
         # the same memory; it assumes each forward's backward runs before the next forward (a graph step).
         # Otherwise each save takes a fresh buffer from torch's caching host allocator.
+        # Persistent saves also hand their device tensors back in stream order (_settle) instead of by
+        # record_stream: during a CUDA graph capture the allocator cannot reuse a block that another stream used
+        # until the capture ends, so every offloaded tensor would take new memory (run S8-2: an 8B offload step
+        # captured that way reserved 25.8 GiB for 7.8 allocated).
         self.persistent = False
         self.pool, self.position = [], 0
+        self.pending = []    # persistent saves' (group, device tensor, copy-done event), oldest first
 
     def _side_stream(self, device):
         if self.stream is None or self.stream.device != device:
@@ -84,10 +89,24 @@ class Offloader:
         """A forward starts: persistent buffers are handed out from the first again."""
         self.position = 0
 
+    def end_forward(self):
+        """The forward's last layer is launched: the device tensors of all but its last group go back now
+        (before the loss's own temporaries), the rest when the backward fetches."""
+        self._settle(self.group - 1)
+
     def begin_group(self):
         self.group += 1
         self.saved[self.group] = []
+        # a group's copies ran while the next layer computed: its device tensors go back as the one after starts
+        self._settle(self.group - 2)
         return self.group
+
+    def _settle(self, last):
+        """Persistent saves of groups <= last: the current stream waits for their copies to the host, then drops
+        the device tensors, whose memory the allocator may then reuse in stream order (also within a capture)."""
+        while self.pending and self.pending[0][0] <= last:
+            _, x, done = self.pending.pop(0)
+            torch.cuda.current_stream(x.device).wait_event(done)
 
     def _host(self, x):
         """A host tensor shaped like x (same strides: a transposed view, attention's saved output, copies as one
@@ -116,7 +135,11 @@ class Offloader:
                 host.copy_(x, non_blocking=True)
                 done = torch.cuda.Event()
                 done.record(stream)
-            x.record_stream(stream)  # the allocator must not hand x's memory out before the copy has read it
+            # the allocator must not hand x's memory out before the copy has read it
+            if self.persistent:
+                self.pending.append((self.group, x, done))
+            else:
+                x.record_stream(stream)
             slots.append((host, done, x.device))
         return self.group, len(slots) - 1
 
@@ -130,6 +153,10 @@ class Offloader:
         return handle if isinstance(handle, torch.Tensor) else self.load(handle)
 
     def _fetch(self, g):
+        """Start bringing group g back. Its device tensors are allocated on the current stream, which the side
+        stream waits for before writing them, and which waits for their arrival before using or freeing them
+        (load, release): stream-ordered, no record_stream, so a graph capture can reuse their memory."""
+        self._settle(self.group)
         if g in self.fetched or g not in self.saved:
             return
         out = []
@@ -137,10 +164,13 @@ class Offloader:
             if device.type != "cuda":
                 out.append(host)
                 continue
+            current = torch.cuda.current_stream(device)
+            x = torch.empty_strided(host.size(), host.stride(), dtype=host.dtype, device=device)
             stream = self._side_stream(device)
+            stream.wait_stream(current)  # x's memory may have been freed by work still queued there
             with torch.cuda.stream(stream):
                 stream.wait_event(done)
-                x = host.to(device, non_blocking=True)
+                x.copy_(host, non_blocking=True)
                 arrived = torch.cuda.Event()
                 arrived.record(stream)
             out.append((x, arrived))
@@ -154,13 +184,13 @@ class Offloader:
         if isinstance(ready, torch.Tensor):
             return ready
         x, arrived = ready
-        current = torch.cuda.current_stream(x.device)
-        current.wait_event(arrived)
-        x.record_stream(current)
+        torch.cuda.current_stream(x.device).wait_event(arrived)
         return x
 
     def release(self, group):
-        self.fetched.pop(group, None)
+        for ready in self.fetched.pop(group, ()):
+            if not isinstance(ready, torch.Tensor):  # one never loaded must still land before its memory is freed
+                torch.cuda.current_stream(ready[0].device).wait_event(ready[1])
         self.saved.pop(group, None)
 
 
@@ -348,6 +378,9 @@ def _device_room(device, margin=1 << 30):
     return free + torch.cuda.memory_reserved(device) - torch.cuda.max_memory_allocated(device) - margin
 
 
+HOLD_CYCLES = 200_000_000
+
+
 class _LinkPlanner:
     """Which layers stash attention ("auto"): as many as the host link carries while the forward runs.
 
@@ -360,10 +393,14 @@ class _LinkPlanner:
     tokens, against 0.9 ms per 0.17 GB), and the backward's prefetch would hold a whole one more on the device.
     The forward time per layer is measured in the first two forwards of a token count (CUDA events, read at the
     next forward); the plan, made once for that token count from the third forward on, uses the smaller (the first
-    includes the kernels' compilation). The link rate is measured once (a pinned 64 MiB copy). Memory bounds it
-    too: the stash of one step takes at most half of the host memory available when the plan is made (pinned
-    buffers at long sequences), and none is planned if the device's peak so far has not room for two layers'
-    stash more (the backward's current and prefetched layer)."""
+    includes the kernels' compilation). Those forwards' time is what the GPU takes to run them as launched, which
+    where the host cannot keep up (an eager step of a small model) includes its idle gaps; a step replayed from a
+    CUDA graph has none, so CUDAGraphStep sets `hold_gpu`: the GPU then sleeps before each timed forward while the
+    host queues it, and the events time its kernels back to back (Llama-3.2-1B at 8192 tokens, run S8-5: 2.0 ms
+    per layer held against 2.6-4.5 eager; the graph step went from 64-67k to 68k tok/s). The link rate is
+    measured once (a pinned 64 MiB copy). Memory bounds it too: the stash of one step takes at most half of the
+    host memory available when the plan is made (pinned buffers at long sequences), and none is planned if the
+    device's peak so far has not room for two layers' stash more (the backward's current and prefetched layer)."""
 
     HEADROOM = 0.85
     HOST_SHARE = 0.5  # of the host memory available when the plan is made
@@ -379,6 +416,7 @@ class _LinkPlanner:
         self.room = None      # device bytes the stash may add to the peak (tests, AutoCheckpointing's budget); None =
         #                       _device_room() at the plan
         self.report = "stashed blocks: none planned yet"  # what the latest plan chose
+        self.hold_gpu = False  # time the forwards' kernels without host gaps (engine/graph.py sets it)
 
     @staticmethod
     def _measure_link(device):
@@ -406,6 +444,8 @@ class _LinkPlanner:
         self.events = None
         self.tokens = x.shape[:-1].numel()
         if self.tokens not in self.plans and self.fwd_ms.get(self.tokens, (0, 0))[1] < 2:
+            if self.hold_gpu:  # ~0.1 s at the H200's 1.98 GHz: the host queues the forward meanwhile
+                torch.cuda._sleep(HOLD_CYCLES)
             start = torch.cuda.Event(enable_timing=True)
             start.record()
             self.events = (self.tokens, start, None)
@@ -491,6 +531,8 @@ class LayerCheckpointing:
 
     def end_forward(self, x):
         """The last layer of a forward has been launched."""
+        if self.offload:
+            self.stash.end_forward()
         if self.planner is not None and x.is_cuda:
             self.planner.end()
 
@@ -525,7 +567,7 @@ class LayerCheckpointing:
 
         rng = any(lora.has_dropout(m) for m in layer.modules())
         y = CheckpointFunction.apply((forward, recompute), self.stash, rng, x, *params)
-        if self.planner is not None and i == self.num_layers - 1:
+        if i == self.num_layers - 1:
             self.end_forward(x)
         return y
 

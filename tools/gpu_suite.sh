@@ -59,12 +59,14 @@ E)
   # end to end, hare and Unsloth in the same call, by items (default q4 b16; one call holds about two pairs):
   #   q4 / b16: 8B QLoRA / 16-bit LoRA, 2048 x 4, hare --gc offload (stash auto) then Unsloth
   #   long: 8B QLoRA 32768 x 1, both; 1b: 1B QLoRA, both; auto: hare --gc auto --budget-gib 36, then a profile
+  #   g1b: 1B QLoRA graphed with a profile, then Unsloth and hare graphed alternating twice (Unsloth's 1B step is
+  #        host-bound too: 38.6k and 54.9k tok/s in two calls of session 8)
   #   q4none: hare 8B QLoRA offload without stashed blocks; profile: hare 8B QLoRA offload with --profile 12
   #   hf: hare 8B QLoRA offload, then HF+PEFT+bitsandbytes (the loss reference)
   #   det: hare 8B QLoRA offload twice with --deterministic (are the losses equal run to run, at what speed)
   #   hfseed: hare 8B QLoRA offload, again with --deterministic, then HF+PEFT+bitsandbytes from the same LoRA init
-  #   graph: 1B QLoRA offload eager and from a CUDA graph (twice each, alternating: the 1B step is host-bound),
-  #          then 8B QLoRA offload and auto from a graph
+  #   graph: 1B QLoRA offload from a CUDA graph, Unsloth 1B, then hare eager and graphed again (the 1B step is
+  #          host-bound eager), then 8B QLoRA offload eager and graphed, and auto graphed
   R=$OUT/results.jsonl
   H() { timeout 150 python3 -m hare.tools.bench_train --out "$R" --tag E "$@" 2>&1 | grep -E "RESULT|checkpointing|Error|profile:|idle gaps|^  "; }
   U() { OUT=$OUT bash .anchors/run_anchors.sh X 200 "$@" | grep -E "RESULT|rc="; }
@@ -89,9 +91,14 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" "$PWD
   det) ck 8b; H --ckpt /tmp/ckpt_8b $Q --deterministic; H --ckpt /tmp/ckpt_8b $Q --deterministic ;;
   hfseed) ck 8b; H --ckpt /tmp/ckpt_8b $Q; H --ckpt /tmp/ckpt_8b $Q --deterministic; S hf_bnb4 8b ;;
   graph) G="--graph --warmup 4"  # 3 eager warm-up steps (the link planner's), the capture in the 4th
-         ck 1b; for g in "" "$G" "" "$G"; do H --ckpt /tmp/ckpt_1b --model 1b $Q $g; done
-         ck 8b; H --ckpt /tmp/ckpt_8b $Q $G; H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 $G --profile 12 ;;
+         ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q $G; U unsloth_4bit 1b
+         for g in "" "$G"; do H --ckpt /tmp/ckpt_1b --model 1b $Q $g; done
+         ck 8b; for g in "" "$G"; do H --ckpt /tmp/ckpt_8b $Q $g; done
+         H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 $G --profile 40 ;;
   profile) ck 8b; H --ckpt /tmp/ckpt_8b $Q --profile 12 ;;
+  g1b) G="--graph --warmup 4"  # 1B graphed with a profile, then Unsloth and hare graphed, alternating, twice
+       ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q $G --profile 30
+       for i in 1 2; do U unsloth_4bit 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q $G; done ;;
   esac; done
   python3 .anchors/summarize.py "$R" --md ;;
 L)
