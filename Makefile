@@ -30,10 +30,12 @@ test: install
 	$(BIN)/python -m pytest -q tests $(PYTEST_ARGS)
 
 # GPU only. CKPT: a checkpoint written by ../shared/bench-anchors/make_ckpt.py (8B or 1B shapes, random weights).
+# BENCH_ARGS: more bench_train flags, e.g. "--model 1b --graph --warmup 4" (the 1B step from a CUDA graph).
 CKPT  ?= /tmp/ckpt_8b
 QUANT ?= 4bit
+BENCH_ARGS ?=
 bench: install
-	$(BIN)/python -m hare.tools.bench_train --ckpt $(CKPT) --quant $(QUANT) --out bench_train.jsonl
+	$(BIN)/python -m hare.tools.bench_train --ckpt $(CKPT) --quant $(QUANT) --out bench_train.jsonl $(BENCH_ARGS)
 	$(BIN)/python -m hare.tools.bench_kernels --out bench_kernels.json
 
 lint: install
