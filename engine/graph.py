@@ -23,7 +23,10 @@ What it needs, checked where it can be:
   target the same memory; the link planner must have finished timing before the capture (warmup >= 3: it times
   the first two forwards of a length and plans in the third);
 - no randomness: adapter dropout reads and sets the RNG state around each recomputed layer (engine/offload.py).
-The loss returned is a copy of the graph's output (the next replay overwrites the original).
+The loss returned is a copy of the graph's output (the next replay overwrites the original). With max_grad_norm the
+step clips the global gradient norm before the optimizer step, as hare.train does (torch's clip_grad_norm_, which
+reads nothing back to the host), and `grad_norm` holds the norm before clipping. (Clipping was added after session
+8's device time was spent: its GPU test, test_gpu.py test_cuda_graph_step_clips_as_the_eager_step, has not run yet.)
 
 Measured (H200, BENCHMARKS.md session 8): tests/engine/test_gpu.py checks it against the eager step in every
 checkpointing mode. Llama-3.2-1B QLoRA at 2048 x 4 with offload: 68.2-68.5k tok/s graphed (run S8-5), 44.5-49.9k
@@ -43,9 +46,11 @@ class CUDAGraphStep:
     one training step (zero_grad, forward, backward, optimizer.step) per call, replayed from a CUDA graph after
     `warmup` eager calls. See the module docstring for what it needs."""
 
-    def __init__(self, model, optimizer, warmup: int = 3):
+    def __init__(self, model, optimizer, warmup: int = 3, max_grad_norm: float = None):
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the eager steps before the capture), got {warmup}")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be > 0 (or None: no clipping), got {max_grad_norm}")
         params = [p for p in model.parameters() if p.requires_grad]
         if not params or not all(p.is_cuda for p in params):
             raise ValueError("CUDAGraphStep needs a model whose trainable parameters are on a CUDA device")
@@ -68,15 +73,20 @@ class CUDAGraphStep:
             if layers.planner is not None:  # plan the link for the graph's forward, which has no host gaps
                 layers.planner.hold_gpu = True
         self.model, self.optimizer, self.warmup = model, optimizer, warmup
-        self.calls, self.graph, self.static, self.loss = 0, None, None, None
+        self.params, self.max_grad_norm = params, max_grad_norm
+        self.calls, self.graph, self.static, self.loss, self.norm = 0, None, None, None, None
+        self.grad_norm = None  # the latest step's gradient norm before clipping (with max_grad_norm)
         self.stream = torch.cuda.Stream(params[0].device)
 
     def _step(self, batch):
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.model(**batch).loss
         loss.backward()
+        norm = None
+        if self.max_grad_norm is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
         self.optimizer.step()
-        return loss
+        return loss, norm
 
     def _check(self, batch):
         got = {k: (tuple(v.shape), v.dtype, v.device) for k, v in batch.items()}
@@ -95,9 +105,10 @@ class CUDAGraphStep:
         if self.calls <= self.warmup:  # eager, on a side stream, as PyTorch asks before a capture
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):
-                loss = self._step(batch).detach()
+                loss, norm = self._step(batch)
             current.wait_stream(self.stream)
-            return loss
+            self.grad_norm = norm
+            return loss.detach()
         if self.graph is None:
             self.static = {k: v.clone() for k, v in batch.items()}
             self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
@@ -106,10 +117,11 @@ class CUDAGraphStep:
             torch.cuda.empty_cache()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.loss = self._step(self.static)
+                self.loss, self.norm = self._step(self.static)
         else:
             self._check(batch)
             for k, v in batch.items():
                 self.static[k].copy_(v)
         self.graph.replay()  # the capture only recorded the step: the call that captured runs it here too
+        self.grad_norm = None if self.norm is None else self.norm.clone()
         return self.loss.detach().clone()

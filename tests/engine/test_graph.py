@@ -13,6 +13,8 @@ def test_cuda_graph_step_needs_cuda_parameters(tiny_llama):
         hare.CUDAGraphStep(model, opt)
     with pytest.raises(ValueError, match="warmup"):
         hare.CUDAGraphStep(model, opt, warmup=0)
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        hare.CUDAGraphStep(model, opt, max_grad_norm=0.0)
 
 
 def test_checkpointing_without_dropout_reads_no_rng_state(tiny_llama, monkeypatch):
