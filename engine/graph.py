@@ -30,8 +30,8 @@ reads nothing back to the host), and `grad_norm` holds the norm before clipping.
 
 Measured (H200, BENCHMARKS.md session 8): tests/engine/test_gpu.py checks it against the eager step in every
 checkpointing mode. Llama-3.2-1B QLoRA at 2048 x 4 with offload: 68.2-68.5k tok/s graphed (run S8-5), 44.5-49.9k
-eager, at 2.09 GiB allocated and 2.37 reserved. A GPU-bound step gains little: 8B QLoRA offload 13,628-13,683 graphed against 13,691 eager; 8B "auto" 16,676-16,810 graphed
-against 16,412 eager (S7-5).
+eager, at 2.09 GiB allocated and 2.37 reserved. A GPU-bound step gains little: 8B QLoRA offload 13,628-13,683
+graphed against 13,691 eager; 8B "auto" 16,676-16,810 graphed against 16,412 eager (S7-5).
 Memory: the warm-up's cached blocks are given back before the capture, and the offloader hands its device tensors
 back in stream order (Offloader.persistent). Without that the 8B offload step reserved 25.8 GiB for 7.8 allocated.
 """
