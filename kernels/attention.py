@@ -632,6 +632,9 @@ def _config(D, interp, dtype=torch.bfloat16, docs=False, smem=None):
         of its main loop (24 wgmma); the forward's 24 bytes of spill sit outside its loops, and dQ has none. Spills
         are not what limits dK/dV: the 32 x 128 tile spills 8 bytes and reloads nothing in its loop, and it timed
         slower above (8.286 ms); reloading k and v in the loop instead of holding them still spills 156 bytes.
+        Marking the forward's key loop `tl.range(..., warp_specialize=True)` compiles to the same SASS on sm_90a
+        (offline, triton 3.6, 2026-11-29): upstream's automatic warp specialization does not act on Hopper, so
+        FA3-style producer/consumer warpgroups would need Gluon's explicit intrinsics.
       Whole forward + backward: 15.811 ms with the three chosen in that run, 15.514 with all three unsplit;
         a re-run (S3-4, commit a9c4bd3, the chosen set as the library default) gave 15.068 ms chosen,
         15.391 all unsplit, 15.543 for its own per-kernel best, FlexAttention 15.935; forward 3.562 chosen vs
