@@ -411,7 +411,7 @@ def sweep_swiglu(ctx, sw):
     i, tokens, r = ctx.shape["intermediate"], max(ctx.tokens), 16
     g, u, dy = ctx.randn(tokens, i, scale=2.0), ctx.randn(tokens, i), ctx.randn(tokens, i)
     fold = (ctx.randn(tokens, r), ctx.randn(i, r, scale=0.1), 1.0, ctx.randn(tokens, r), ctx.randn(i, r, scale=0.1), 1.0)
-    for tile in ((16, 256), (32, 128), (32, 256), (64, 64), (64, 128)):
+    for tile in ((16, 64), (16, 128), (16, 256), (32, 128), (32, 256), (64, 64), (64, 128)):
         for nw in (4, 8):
             cfg = f"fold tile={tile[0]}x{tile[1]} num_warps={nw}"
             sw.add("swiglu folded fwd", tokens, cfg, 3 * tokens * i * BF16,

@@ -100,3 +100,27 @@ def test_inplace_backward_also_gives_the_activation():
     out = swiglu_bwd(bufs[2], bufs[0], bufs[1], inplace=True)
     for got, want, buf in zip(out, (dg, du, h), bufs):
         assert torch.equal(got, want) and got.data_ptr() == buf.data_ptr()
+
+
+@pytest.mark.parametrize("tile", [(16, 64), (16, 128), (64, 64)], ids=str)
+def test_folded_adapters_same_bits_on_every_tile(tile):
+    """Adapters folded into the kernels (fold_args; the fused MLP's path, tested against its reference in
+    test_lora.py, at FOLD_TILE): each output element's low-rank term is one rank-16 product however the tiles fall,
+    so another tile (tools/bench_kernels.py sweeps them) must give the default's results bit for bit, forward and
+    in-place backward. 37 x 200: masked row and column tails on every tile."""
+    from hare.kernels.swiglu import FOLD_TILE, swiglu_bwd, swiglu_fwd
+    g = torch.Generator().manual_seed(0)
+    M, N, r = 37, 200, 16
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16).to(DEVICE)
+
+    gate, up, dy = rnd(M, N, scale=2.0), rnd(M, N), rnd(M, N)
+    fold = (rnd(M, r), rnd(N, r, scale=0.1), 2.0, rnd(M, r), rnd(N, r, scale=0.1), 0.5)
+    runs = []
+    for t in (FOLD_TILE, tile):
+        y = swiglu_fwd(gate, up, fold=fold, fold_tile=t)
+        bwd = swiglu_bwd(dy.clone(), gate.clone(), up.clone(), inplace=True, fold=fold, fold_tile=t)
+        runs.append((y, *bwd))
+    for name, a, b in zip(("y", "dgate", "dup", "h"), *runs):
+        assert torch.equal(a, b), f"{name}: tile {tile} differs from {FOLD_TILE}"
