@@ -103,6 +103,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.graph and args.warmup < 2:
         p.error("--graph needs --warmup >= 2 (eager warm-up steps, then the step that captures the graph)")
+    if args.graph and args.gc in ("offload", "auto") and args.warmup < 4:
+        p.error(f"--graph with --gc {args.gc} needs --warmup >= 4: the link planner times the first two forwards "
+                f"and plans in the third, all before the capture in the last warm-up step")
     if args.deterministic:
         # cuBLAS's condition for reproducible results when streams share its workspace (CUDA docs, cuBLAS
         # "Results reproducibility"; torch refuses deterministic GEMMs without it): set before CUDA starts
