@@ -223,14 +223,16 @@ def test_auto_checkpointing_mixes_kept_and_offloaded_layers(tmp_path):
     assert results[0] == results[1]
 
 
-@pytest.mark.parametrize("mode,quant", [(None, False), ("on", True), ("auto", True), ("offload", True)])
+@pytest.mark.parametrize("mode,quant", [(None, False), ("on", True), ("auto", True), ("auto_mixed", True),
+                                       ("offload", True)])
 def test_cuda_graph_step_trains_as_the_eager_step(tmp_path, mode, quant):
     """engine/graph.py: CUDAGraphStep's steps (3 eager, then a capture and replays) give the eager loop's losses,
     from the same init and batches, with no checkpointing, with 'on', with 'auto' under a budget that keeps every
-    layer and with 'offload' (persistent pinned buffers; attention stashed where the planner puts it), 16-bit and
-    4-bit bases; fp32 so that the only differences are GEMM algorithm choices (cuBLAS may pick others inside a
-    capture): within 1e-5 relative. The graph must exist and replay from the fourth call; a changed shape is
-    refused."""
+    layer, with 'auto' under one that keeps about half (set after step 0 from its measured per-layer cost, as in
+    the test above; the capture must hold both kinds of layer) and with 'offload' (persistent pinned buffers;
+    attention stashed where the planner puts it), 16-bit and 4-bit bases; fp32 so that the only differences are
+    GEMM algorithm choices (cuBLAS may pick others inside a capture): within 1e-5 relative. The graph must exist
+    and replay from the fourth call; a changed shape is refused."""
     from hare import load_model
     from hare.engine.graph import CUDAGraphStep
     from hare.engine.lora import apply_lora, trainable_parameters
@@ -244,12 +246,16 @@ def test_cuda_graph_step_trains_as_the_eager_step(tmp_path, mode, quant):
     for graphed in (False, True):
         model = load_model(str(tmp_path / "m"), dtype=torch.float32, device="cuda", load_in_4bit=quant)
         apply_lora(model, r=16, seed=0)
+        auto = mode is not None and mode.startswith("auto")
+        hook = None
         if mode is not None:
-            enable_checkpointing(model, mode, **({"budget_gib": 1e6} if mode == "auto" else {}))
+            hook = enable_checkpointing(model, "auto" if auto else mode, **({"budget_gib": 1e6} if auto else {}))
         opt = torch.optim.AdamW(trainable_parameters(model).values(), lr=1e-3, fused=True, capturable=True)
         step = CUDAGraphStep(model, opt, warmup=3) if graphed else None
         losses = []
-        for ids in batches:
+        for i, ids in enumerate(batches):
+            if mode == "auto_mixed" and i == 1:  # about 2 of the 4 layers keep (see the test above)
+                hook.budget = torch.cuda.memory_allocated() + hook.margin + 3 * hook.measured[ids.numel()]
             if graphed:
                 losses.append(step(ids, labels=ids, doc_ids=docs).item())
             else:
@@ -259,11 +265,13 @@ def test_cuda_graph_step_trains_as_the_eager_step(tmp_path, mode, quant):
                 opt.zero_grad(set_to_none=True)
                 losses.append(loss.item())
         runs.append(losses)
+        if mode == "auto_mixed":  # the plan of the latest forward the host ran: the capture's, when graphed
+            assert 0 < len(hook.plan["kept"]) < 4, hook.report()
         if graphed:
             assert step.graph is not None and step.calls == len(batches)
             with pytest.raises(ValueError, match="captured for inputs"):
                 step(batches[0][:, :256], labels=batches[0][:, :256], doc_ids=docs[:, :256])
-        del model, opt, step
+        del model, opt, step, hook
         torch.cuda.empty_cache()
     eager, graphed = runs
     for i, (a, b) in enumerate(zip(eager, graphed)):
