@@ -10,6 +10,7 @@ tokens/s of the median step, peak max_memory_allocated. Appends one JSON line wi
     python -m hare.tools.bench_train --ckpt /tmp/ckpt_8b --quant 4bit --out results.jsonl [--seq 2048 --bs 4]
 """
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -97,6 +98,9 @@ def main(argv=None):
                    help="replay each step from a CUDA graph (hare.CUDAGraphStep, captured in the last warm-up step; "
                         "AdamW with capturable=True); with --gc offload or auto give --warmup 4 (the link planner "
                         "times and plans in the first three forwards)")
+    p.add_argument("--adapter-first", action="store_true",
+                   help="kernels/lora.py ADAPTER_FIRST: each projection's adapter product first, the base GEMM "
+                        "added onto it, no folding into the activation (an experiment to time against the default)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): bit-reproducible steps (attention on hare's "
                         "kernel instead of cuDNN's, models/decoder.py attend)")
@@ -124,6 +128,9 @@ def main(argv=None):
         if args.deterministic:
             torch.use_deterministic_algorithms(True)
         rec["deterministic"] = args.deterministic
+        lora_kernels = importlib.import_module("hare.kernels.lora")
+        lora_kernels.ADAPTER_FIRST = args.adapter_first  # put back below: main() may run again in one process
+        rec["adapter_first"] = args.adapter_first
         cuda = torch.cuda.is_available()
         dev = "cuda" if cuda else "cpu"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -201,6 +208,9 @@ def main(argv=None):
         rc = 1
     else:
         rc = 0
+    finally:
+        if "hare.kernels.lora" in sys.modules:
+            sys.modules["hare.kernels.lora"].ADAPTER_FIRST = False
     rec["wall_s"] = round(time.time() - t0, 1)
     with open(args.out, "a") as f:
         f.write(json.dumps(rec) + "\n")
