@@ -10,7 +10,6 @@ tokens/s of the median step, peak max_memory_allocated. Appends one JSON line wi
     python -m hare.tools.bench_train --ckpt /tmp/ckpt_8b --quant 4bit --out results.jsonl [--seq 2048 --bs 4]
 """
 import argparse
-import importlib
 import json
 import os
 import statistics
@@ -120,6 +119,7 @@ def main(argv=None):
                tokens_per_step=args.seq * args.bs, warmup=args.warmup, steps=args.steps, tag=args.tag,
                lora_seed=args.seed, graph=args.graph, status="started")
     t0 = time.time()
+    lora_kernels = None
     try:
         import torch
 
@@ -128,7 +128,7 @@ def main(argv=None):
         if args.deterministic:
             torch.use_deterministic_algorithms(True)
         rec["deterministic"] = args.deterministic
-        lora_kernels = importlib.import_module("hare.kernels.lora")
+        from hare.kernels import lora as lora_kernels
         lora_kernels.ADAPTER_FIRST = args.adapter_first  # put back below: main() may run again in one process
         rec["adapter_first"] = args.adapter_first
         cuda = torch.cuda.is_available()
@@ -209,8 +209,8 @@ def main(argv=None):
     else:
         rc = 0
     finally:
-        if "hare.kernels.lora" in sys.modules:
-            sys.modules["hare.kernels.lora"].ADAPTER_FIRST = False
+        if lora_kernels is not None:
+            lora_kernels.ADAPTER_FIRST = False
     rec["wall_s"] = round(time.time() - t0, 1)
     with open(args.out, "a") as f:
         f.write(json.dumps(rec) + "\n")
