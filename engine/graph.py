@@ -74,8 +74,7 @@ class CUDAGraphStep:
                 layers.planner.hold_gpu = True
         self.model, self.optimizer, self.warmup = model, optimizer, warmup
         self.params, self.max_grad_norm = params, max_grad_norm
-        self.calls, self.graph, self.static, self.loss, self.norm = 0, None, None, None, None
-        self.grad_norm = None  # the latest step's gradient norm before clipping (with max_grad_norm)
+        self.calls, self.graph, self.static, self.signature, self.loss, self.norm = 0, None, None, None, None, None
         self.stream = torch.cuda.Stream(params[0].device)
 
     def _step(self, batch):
@@ -88,12 +87,15 @@ class CUDAGraphStep:
         self.optimizer.step()
         return loss, norm
 
-    def _check(self, batch):
-        got = {k: (tuple(v.shape), v.dtype, v.device) for k, v in batch.items()}
-        want = {k: (tuple(v.shape), v.dtype, v.device) for k, v in self.static.items()}
-        if got != want:
-            raise ValueError(f"the graph was captured for inputs {want}; got {got} (a new shape needs its own "
-                             f"CUDAGraphStep)")
+    @property
+    def grad_norm(self):
+        """The latest step's gradient norm before clipping (with max_grad_norm; None without): a copy, since the
+        next replay overwrites the graph's own."""
+        return None if self.norm is None else self.norm.clone()
+
+    @staticmethod
+    def _signature(batch):
+        return {k: (tuple(v.shape), v.dtype, v.device) for k, v in batch.items()}
 
     def __call__(self, input_ids, labels=None, doc_ids=None, position_ids=None):
         if labels is None:
@@ -105,12 +107,12 @@ class CUDAGraphStep:
         if self.calls <= self.warmup:  # eager, on a side stream, as PyTorch asks before a capture
             self.stream.wait_stream(current)
             with torch.cuda.stream(self.stream):
-                loss, norm = self._step(batch)
+                loss, self.norm = self._step(batch)
             current.wait_stream(self.stream)
-            self.grad_norm = norm
             return loss.detach()
         if self.graph is None:
             self.static = {k: v.clone() for k, v in batch.items()}
+            self.signature = self._signature(batch)
             self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
             # the warm-up's cached blocks would sit unused beside the graph's own pool: give them back
             torch.cuda.synchronize()
@@ -119,9 +121,10 @@ class CUDAGraphStep:
             with torch.cuda.graph(self.graph):
                 self.loss, self.norm = self._step(self.static)
         else:
-            self._check(batch)
+            if self._signature(batch) != self.signature:
+                raise ValueError(f"the graph was captured for inputs {self.signature}; got {self._signature(batch)} "
+                                 f"(a new shape needs its own CUDAGraphStep)")
             for k, v in batch.items():
                 self.static[k].copy_(v)
         self.graph.replay()  # the capture only recorded the step: the call that captured runs it here too
-        self.grad_norm = None if self.norm is None else self.norm.clone()
         return self.loss.detach().clone()

@@ -126,7 +126,7 @@ class Offloader:
         """Send x to the host (CUDA) or keep a copy (CPU); returns its handle (group, index)."""
         slots = self.saved[self.group]
         if not x.is_cuda:
-            slots.append((self._host(x).copy_(x.detach()) if self.persistent else x.detach().clone(), None, x.device))
+            slots.append((self._host(x).copy_(x.detach()), None, x.device))
         else:
             stream = self._side_stream(x.device)
             host = self._host(x)  # torch's caching host allocator reuses the fresh ones too

@@ -119,7 +119,7 @@ def main(argv=None):
                tokens_per_step=args.seq * args.bs, warmup=args.warmup, steps=args.steps, tag=args.tag,
                lora_seed=args.seed, graph=args.graph, status="started")
     t0 = time.time()
-    lora_kernels = None
+    lora_kernels, adapter_first = None, None
     try:
         import torch
 
@@ -129,7 +129,8 @@ def main(argv=None):
             torch.use_deterministic_algorithms(True)
         rec["deterministic"] = args.deterministic
         from hare.kernels import lora as lora_kernels
-        lora_kernels.ADAPTER_FIRST = args.adapter_first  # put back below: main() may run again in one process
+        # put back below: main() may run again in one process
+        adapter_first, lora_kernels.ADAPTER_FIRST = lora_kernels.ADAPTER_FIRST, args.adapter_first
         rec["adapter_first"] = args.adapter_first
         cuda = torch.cuda.is_available()
         dev = "cuda" if cuda else "cpu"
@@ -210,7 +211,7 @@ def main(argv=None):
         rc = 0
     finally:
         if lora_kernels is not None:
-            lora_kernels.ADAPTER_FIRST = False
+            lora_kernels.ADAPTER_FIRST = adapter_first
     rec["wall_s"] = round(time.time() - t0, 1)
     with open(args.out, "a") as f:
         f.write(json.dumps(rec) + "\n")
