@@ -74,7 +74,7 @@ def _loop(lines):
 
 def gemv_kernel(c, dtype):
     cons = dict(BS=64, NESTED=True, NESTED_BS=256, ALIGNED=True, BLOCK_N=c.block_n, BLOCK_K=max(c.block_k, 8),
-                LUT_GATHER=c.lut == "gather", NUM_STAGES=c.num_stages, INTERPRET=False)
+                LUT_GATHER=c.lut == "gather", LUT_PRMT=c.lut == "prmt", NUM_STAGES=c.num_stages, INTERPRET=False)
     sig = {"x_ptr": PTR[dtype], "packed_ptr": "*u8", "words_ptr": "*i32", "absmax_ptr": "*u8",
            "nabsmax_ptr": "*fp32", "nqmap_ptr": "*fp32", "offset_ptr": "*fp32", "qmap_ptr": "*fp32",
            "out_ptr": PTR[dtype] if c.split_k == 1 else "*fp32", "N": "i32", "K": "i32", "KW": "i32", "chunk": "i32"}

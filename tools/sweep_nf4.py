@@ -153,6 +153,14 @@ def gemv_variants():
         g(4, 128, 4, num_stages=2), g(1, 512, 4, num_stages=2), g(2, 256, 4, split_k=2), g(4, 256, 8, split_k=2),
         g(2, 256, 4, lut="load"),
     ]
+    # lut "prmt" (byte permutes, quant/gemv.py): the launch shapes that served gather well, per shape
+    prmt = [g(1, 512, 2), g(1, 512, 4), g(2, 512, 4), g(2, 512, 8), g(1, 256, 2), g(2, 256, 2), g(2, 256, 4),
+            g(4, 256, 4), g(4, 256, 8), g(2, 128, 2), g(4, 128, 4), g(8, 128, 8), g(2, 256, 4, num_stages=2)]
+    prmt = [c._replace(lut="prmt") for c in prmt]
+    small += prmt + [c._replace(split_k=2) for c in prmt if c.block_k <= 256][:4]
+    square += prmt + [c._replace(split_k=2) for c in prmt if c.block_k <= 256][:4]
+    tall += prmt
+    wide += prmt
     return {(1024, 4096): small, (4096, 4096): square, (14336, 4096): tall, (4096, 14336): wide}
 
 
@@ -291,11 +299,11 @@ def _unfused_call(dq, x, wbuf, deq_config, q4):
     return torch.nn.functional.linear(x, wbuf)
 
 
-def sweep_gemv(clock, rows, deq_config, threads):
+def sweep_gemv(clock, rows, deq_config, threads, lut=None):
     from hare.quant import gemv_nf4_ref, quantize_nf4
     from hare.quant import dequant as dq
     from hare.quant import gemv as gv
-    per_shape = gemv_variants()
+    per_shape = {shape: [c for c in cs if lut in (None, c.lut)] for shape, cs in gemv_variants().items()}
     eps = torch.finfo(torch.bfloat16).eps
     # compile every config once (on the k/v shape, K = 4096: the same kernel specializations as every shape here,
     # split or not), all in parallel, before anything is timed
@@ -457,6 +465,9 @@ def main(argv=None):
     ap.add_argument("--out", default="sweep_nf4.json", help="every row as JSON")
     ap.add_argument("--budget", type=float, default=75.0, help="seconds after which remaining variants are skipped")
     ap.add_argument("--threads", type=int, default=min(16, os.cpu_count() or 1), help="parallel Triton compiles")
+    ap.add_argument("--gemv-only", action="store_true", help="skip the dequant sweep (its baseline: DEQUANT_CONFIG)")
+    ap.add_argument("--lut", choices=["load", "gather", "prmt"], help="only the GEMV variants with this lut "
+                    "(the library's config is timed first either way)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("sweep_nf4 needs a CUDA GPU")
@@ -477,11 +488,12 @@ def main(argv=None):
     print(f"{report['device']}, torch {report['torch']}, triton {report['triton']}: copy {report['copy_GBps']:.0f} "
           f"GB/s (read+written), launch floor {report['floor_us']:.1f} us (do_bench) / "
           f"{_num(report['graph_floor_us'], '.1f')} us (graph); * = the library's current config", flush=True)
-    sweep_dequant(clock, report["copy_GBps"], report["rows"], args.threads)
+    if not args.gemv_only:
+        sweep_dequant(clock, report["copy_GBps"], report["rows"], args.threads)
     bd = best_dequant(report["rows"])
     deq_config = dq.DequantConfig(**bd[0]["config"]) if bd else dq.DEQUANT_CONFIG
     print(f"\ndequant+matmul below uses the best dequant config of this run: {deq_config}", flush=True)
-    sweep_gemv(clock, report["rows"], deq_config, args.threads)
+    sweep_gemv(clock, report["rows"], deq_config, args.threads, args.lut)
     report.update(elapsed_s=time.time() - clock.t0, skipped=clock.skipped)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
