@@ -38,8 +38,11 @@ kept as the base outputs x W^T + b, and the kernels add the rank-r product tile 
 before the activation. The alternative, y.addmm_(x A^T, B^T), is a GEMM whose cost is reading and writing the
 whole (tokens x intermediate) output once more: 0.18 ms per call at 8192 x 14336 bf16 on an H200, 24 ms per
 training step of Llama-3.1-8B (BENCHMARKS.md, profile). The sum is then formed in fp32 and not rounded to the
-compute dtype before the activation: one rounding fewer than the reference, never one more. ADAPTER_FIRST
-(below) is the other order, written to be timed against this one.
+compute dtype before the activation: one rounding fewer than the reference, never one more.
+The other order (the adapter product first, y = s (x A^T) B^T, then the base GEMM adding x W^T onto it with cuBLAS's
+beta = 1, no folding) was timed against this one and removed (H200, 2026-11-29, run S9-2, BENCHMARKS.md): 1B QLoRA
+graphed 67.4k / 67.3k tok/s vs 67.6k / 68.5k, 8B QLoRA offload 13,539 vs 13,622, 8B "auto" graphed 16,702 vs
+16,641 (noise).
 
 Dtypes (the one place they are decided): the compute dtype is the input's (bf16 on the GPU). A 16-bit base must
 already be in it; a 4-bit base is dequantized to it. Adapters may be kept in fp32 (master weights for the
@@ -75,14 +78,6 @@ from .swiglu import swiglu, swiglu_bwd, swiglu_fwd
 # efficient as at any larger count (H200: 780-797 TFLOP/s for 8192 x 4096 -> 6144 / 14336, BENCHMARKS.md run
 # S4-1), and the anchors' 2048 x 4 step is one block, unchanged.
 MLP_ROWS = 8192
-
-# The order of a projection's forward (an experiment, not yet timed on the GPU; False is what BENCHMARKS.md
-# measured). False: y = x W^T + b, then y += s (x A^T) B^T (a GEMM pass that reads and writes y again), and gate's
-# and up's adapter terms are folded into the activation kernels. True: y = s (x A^T) B^T first (a thin GEMM that
-# writes y once), then the base GEMM adds x W^T onto it (cuBLAS with beta = 1, whose epilogue reads y while the
-# GEMM is compute-bound), for every projection, gate and up included (no folding: the activation kernels then run
-# without tl.dot, at the plain kernels' copy rate). tools/bench_train.py --adapter-first sets it.
-ADAPTER_FIRST = False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,15 +182,10 @@ def _products(x2, ab, A_cat):
 
 
 def _forward_one(x2, weight, bias, xa, B, s):
-    """(tokens, out) output x W^T + b + s xa B^T; a dequantized W is a temporary, freed on return. The order of
-    the two GEMMs: ADAPTER_FIRST."""
+    """(tokens, out) output x W^T + b + s xa B^T; a dequantized W is a temporary, freed on return."""
     W = dense(weight, x2.dtype)
-    if xa is None or not ADAPTER_FIRST:
-        y = F.linear(x2, W, bias)
-        return y if xa is None else y.addmm_(xa, B.t(), alpha=s)
-    # beta = 0: y's uninitialised values are ignored (not read, nor NaN-propagated), the GEMM writes s xa B^T
-    y = x2.new_empty((x2.shape[0], B.shape[0])).addmm_(xa, B.t(), beta=0, alpha=s).addmm_(x2, W.t())
-    return y if bias is None else y.add_(bias)
+    y = F.linear(x2, W, bias)
+    return y if xa is None else y.addmm_(xa, B.t(), alpha=s)
 
 
 def _adapter_grad(a, b, s, dtype):
@@ -309,7 +299,7 @@ def _gate_up_fold(x2, ab):
     """Whether gate's and up's adapter terms go into the activation kernel (kernels/swiglu.py fold_args) instead
     of a GEMM pass adding s (x A^T) B^T to each (tokens x intermediate) output: tl.dot dtypes, one shared rank."""
     ranks = {A.shape[0] for A in (ab[0], ab[2]) if A is not None}
-    return not ADAPTER_FIRST and x2.dtype in (torch.float16, torch.bfloat16, torch.float32) and len(ranks) == 1
+    return x2.dtype in (torch.float16, torch.bfloat16, torch.float32) and len(ranks) == 1
 
 
 def _fold(ab, xa_g, xa_u, scales):

@@ -169,15 +169,17 @@ def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None, bwd=
     return grid, dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps or NUM_WARPS)
 
 
-# Tile when adapters are folded in (rows x columns): the low-rank product is a (32 x 16) @ (16 x 128) tl.dot per
-# tile, one MMA deep (rank 16), so the forward and backward compute the same g and u whatever their warps. Swept
-# on the H200 (2026-11-28, `python -m hare.tools.bench_kernels --sweep --only swiglu`, 16384 x 14336 bf16, rank
-# 16, 1-D grid): 32 x 128 is the best backward (8 warps 1.00 ms, 67% of copy; 64 x 64: 1.20-1.32, 64 x 128 /
-# 32 x 256: 1.37-1.91) and within 7% of the best forward (0.59 vs 0.55 ms for 64 x 64). Warps per pass from
-# an 8B QLoRA step's profile (runs E3 / S3-3, 32 layers): forward 9.4 ms with 4 warps vs 10.2 with 8, backward
-# 19.0 ms with 4 vs 18.3 with 8.
-FOLD_TILE = (32, 128)
-FOLD_WARPS_FWD, FOLD_WARPS_BWD = 4, 8
+# Tile when adapters are folded in (rows x columns): the low-rank product is a (16 x 16) @ (16 x 128) tl.dot per
+# tile, one MMA deep (rank 16), so the forward and backward compute the same g and u whatever their warps (a CPU
+# test checks that every tile gives the same bits). Swept on the H200 (2026-11-29, run S9-3, `bash
+# tools/gpu_suite.sh K swiglu`, i.e. `python -m hare.tools.bench_kernels --sweep --only swiglu geglu`, 16384 x
+# 14336 bf16, rank 16, 1-D grid; copy 4228 GB/s): 16 x 128 with 4 warps is the best backward (0.92 ms, 72% of
+# copy; the former 32 x 128 / 8 warps 0.99, 64 x 64: 1.19-1.30, 64 x 128 / 32 x 256: 1.36-1.88) and within 5% of the
+# best forward (0.575 vs 0.549 ms for 64 x 64 / 8 warps; 32 x 128 / 4 warps: 0.596). 16-row tiles compile to 62-72
+# registers against 113-155 for 32 rows (offline SASS, session 8). Fewer warps per tile also served the 8B step
+# before (runs E3 / S3-3: forward 9.4 ms with 4 warps vs 10.2 with 8).
+FOLD_TILE = (16, 128)
+FOLD_WARPS_FWD, FOLD_WARPS_BWD = 4, 4
 
 
 def fold_args(fold, ref):

@@ -97,9 +97,6 @@ def main(argv=None):
                    help="replay each step from a CUDA graph (hare.CUDAGraphStep, captured in the last warm-up step; "
                         "AdamW with capturable=True); with --gc offload or auto give --warmup 4 (the link planner "
                         "times and plans in the first three forwards)")
-    p.add_argument("--adapter-first", action="store_true",
-                   help="kernels/lora.py ADAPTER_FIRST: each projection's adapter product first, the base GEMM "
-                        "added onto it, no folding into the activation (an experiment to time against the default)")
     p.add_argument("--deterministic", action="store_true",
                    help="torch.use_deterministic_algorithms(True): bit-reproducible steps (attention on hare's "
                         "kernel instead of cuDNN's, models/decoder.py attend)")
@@ -119,7 +116,6 @@ def main(argv=None):
                tokens_per_step=args.seq * args.bs, warmup=args.warmup, steps=args.steps, tag=args.tag,
                lora_seed=args.seed, graph=args.graph, status="started")
     t0 = time.time()
-    lora_kernels, adapter_first = None, None
     try:
         import torch
 
@@ -128,10 +124,6 @@ def main(argv=None):
         if args.deterministic:
             torch.use_deterministic_algorithms(True)
         rec["deterministic"] = args.deterministic
-        from hare.kernels import lora as lora_kernels
-        # put back below: main() may run again in one process
-        adapter_first, lora_kernels.ADAPTER_FIRST = lora_kernels.ADAPTER_FIRST, args.adapter_first
-        rec["adapter_first"] = args.adapter_first
         cuda = torch.cuda.is_available()
         dev = "cuda" if cuda else "cpu"
         sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -209,9 +201,6 @@ def main(argv=None):
         rc = 1
     else:
         rc = 0
-    finally:
-        if lora_kernels is not None:
-            lora_kernels.ADAPTER_FIRST = adapter_first
     rec["wall_s"] = round(time.time() - t0, 1)
     with open(args.out, "a") as f:
         f.write(json.dumps(rec) + "\n")

@@ -61,8 +61,8 @@ E)
   #   long: 8B QLoRA 32768 x 1, both; 1b: 1B QLoRA, both; auto: hare --gc auto --budget-gib 36, then a profile
   #   g1b: 1B QLoRA graphed with a profile, then Unsloth and hare graphed alternating twice (Unsloth's 1B step is
   #        host-bound too: 38.6k and 54.9k tok/s in two calls of session 8)
-  #   af: the adapter-first GEMM order (bench_train --adapter-first) against the default: 1B graphed, 8B QLoRA
-  #       offload, 8B auto graphed
+  #   autou: hare 8B QLoRA auto graphed, Unsloth 8B QLoRA without checkpointing (the auto target's baseline),
+  #          hare again
   #   q4none: hare 8B QLoRA offload without stashed blocks; profile: hare 8B QLoRA offload with --profile 12
   #   hf: hare 8B QLoRA offload, then HF+PEFT+bitsandbytes (the loss reference)
   #   det: hare 8B QLoRA offload twice with --deterministic (are the losses equal run to run, at what speed)
@@ -98,10 +98,10 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" "$PWD
          ck 8b; for g in "" "$G"; do H --ckpt /tmp/ckpt_8b $Q $g; done
          H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 $G --profile 40 ;;
   profile) ck 8b; H --ckpt /tmp/ckpt_8b $Q --profile 12 ;;
-  af) G="--graph --warmup 4"  # kernels/lora.py ADAPTER_FIRST against the default order, alternating
-      ck 1b; for a in "" --adapter-first "" --adapter-first; do H --ckpt /tmp/ckpt_1b --model 1b $Q $G $a; done
-      ck 8b; for a in "" --adapter-first; do H --ckpt /tmp/ckpt_8b $Q $a; done
-      for a in "" --adapter-first; do H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 $G $a; done ;;
+  autou) G="--graph --warmup 4"  # the auto target's ratio in one call: hare auto graphed, Unsloth with no
+         # checkpointing (its fastest setting, the target's baseline), hare again
+         ck 8b; A="--ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 $G"
+         H $A; U unsloth_4bit 8b --gc off; H $A ;;
   g1b) G="--graph --warmup 4"  # 1B graphed with a profile, then Unsloth and hare graphed, alternating, twice
        ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q $G --profile 30
        for i in 1 2; do U unsloth_4bit 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q $G; done ;;

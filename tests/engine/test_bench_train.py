@@ -52,19 +52,3 @@ def test_bench_train_graph_flags(tiny_llama, tmp_path):
     assert main(args + ["--warmup", "2"]) == 1
     rec = json.loads(out.read_text().splitlines()[-1])
     assert rec["status"] == "error" and rec["graph"] and "CUDA device" in rec["error"]
-
-
-def test_bench_train_adapter_first(tiny_llama, tmp_path):
-    """--adapter-first (kernels/lora.py ADAPTER_FIRST) trains to the default order's losses (the same math in
-    another GEMM order: fp32 rounding apart), says so in its record, and is put back to the default after the run
-    (main may run again in this process)."""
-    from hare.kernels import lora
-
-    out = tmp_path / "r.jsonl"
-    args = ["--ckpt", str(tiny_llama), "--model", "tiny", "--quant", "16bit", "--gc", "on", "--seq", "16", "--bs",
-            "2", "--warmup", "1", "--steps", "2", "--vocab", "50", "--out", str(out)]
-    assert main(args + ["--adapter-first"]) == 0 and main(args) == 0
-    assert lora.ADAPTER_FIRST is False
-    first, default = [json.loads(line) for line in out.read_text().splitlines()]
-    assert first["adapter_first"] and not default["adapter_first"]
-    assert first["losses"] == pytest.approx(default["losses"], rel=1e-5)

@@ -297,25 +297,3 @@ def test_mlp_without_output_gives_the_same_gradients(act):
             y.backward(dy)
     for a, b in zip(*grads):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("case", ["qkv", "mlp", "mlp rows"])
-@pytest.mark.parametrize("dtype,adapter_dtype", DTYPES)
-def test_adapter_first_matches_ref(case, dtype, adapter_dtype, monkeypatch):
-    """lora.ADAPTER_FIRST (the other order of a projection's two GEMMs, with no folding into the activation):
-    outputs and every gradient against the reference with the control's tolerance, for stacked q/k/v with a bias,
-    the MLP with a bias and a projection without adapter, and the MLP's deferred backward in row blocks."""
-    monkeypatch.setattr(lora, "ADAPTER_FIRST", True)
-    x = torch.randn(2, 9, IN, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
-    if case == "qkv":
-        projections = [_proj(41, bias=True, seed=11), _proj(23, seed=12), _proj(23, seed=13)]
-        _compare(lambda x, p: lora.lora_linears(x, p, backend="triton"),
-                 lambda x, p: lora.lora_linears(x, p, backend="ref"), x, projections, [41, 23, 23], dtype,
-                 adapter_dtype)
-        return
-    projections = MLP_CASES["mixed"](53)
-    assert not lora._gate_up_fold(x.to(dtype).reshape(-1, IN), [t for p in projections for t in p[2:4]])
-    rows = dict(need_output=False, rows=4) if case == "mlp rows" else {}
-    _compare(lambda x, p: lora.lora_mlp(x, *p, act="silu", backend="triton", **rows),
-             lambda x, p: lora.lora_mlp(x, *p, act="silu", backend="ref"), x, projections, [IN], dtype,
-             adapter_dtype, outputs=not rows)

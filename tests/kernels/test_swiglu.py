@@ -102,7 +102,7 @@ def test_inplace_backward_also_gives_the_activation():
         assert torch.equal(got, want) and got.data_ptr() == buf.data_ptr()
 
 
-@pytest.mark.parametrize("tile", [(16, 64), (16, 128), (64, 64)], ids=str)
+@pytest.mark.parametrize("tile", [(16, 64), (32, 128), (64, 64)], ids=str)
 def test_folded_adapters_same_bits_on_every_tile(tile):
     """Adapters folded into the kernels (fold_args; the fused MLP's path, tested against its reference in
     test_lora.py, at FOLD_TILE): each output element's low-rank term is one rank-16 product however the tiles fall,
