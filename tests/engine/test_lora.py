@@ -7,6 +7,7 @@ from hare import load_model
 from hare.engine.checkpoint import load_adapter, save_adapter
 from hare.engine.lora import LoRAConfig, LoRALinear, apply_lora, lora_modules, merge, trainable_parameters
 from tests.engine.conftest import hf_model
+from tests.interpreter import BACKENDS, needs_interpreter
 from tests.tolerance import assert_close_to_ref
 
 peft = pytest.importorskip("peft")
@@ -39,6 +40,7 @@ def test_zero_B_is_the_base_exactly(tiny_llama):
         assert torch.equal(model(ids).logits, base(ids).logits)
 
 
+@needs_interpreter
 def test_zero_B_is_the_base_exactly_fused():
     """The fused functions with B = 0 give the bits of the plain projections (same activation kernel)."""
     from torch import nn
@@ -151,7 +153,7 @@ def test_init_draws_peft_numbers(llama_i96, base):
             assert m.lora_B.weight.shape == (m.out_features, 8) and not m.lora_B.weight.any(), path
 
 
-@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_step_leaves_base_bytes_untouched(tiny_llama, backend):
     model = apply_lora(load_model(tiny_llama), r=4, alpha=8, seed=0, backend=backend, train_embeddings=False)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
@@ -271,7 +273,7 @@ def test_adapter_mismatch_is_refused(tiny_llama, tmp_path):
         load_adapter(load_model(tiny_llama), str(tmp_path / "c"))
 
 
-@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_20_steps_match_transformers_peft(tiny_llama, backend):
     """Identical initial adapters and batches, AdamW on both sides: per-step losses within 1e-4 relative."""
     model = apply_lora(load_model(tiny_llama), r=4, alpha=8, seed=0, backend=backend)
@@ -496,7 +498,7 @@ def test_phi3_partial_fused_group_refused_in_peft_format(tmp_path):
         load_adapter(load_model(phi3), str(tmp_path / "d"))
 
 
-@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("offload", [False, True])
 def test_checkpointing_gives_the_same_loss_and_gradients(tiny_llama, backend, offload, monkeypatch):
     """Per-layer checkpointing (with and without offload) recomputes each layer in backward, through the fused
@@ -570,7 +572,7 @@ def test_auto_checkpointing_on_the_cpu_keeps_its_plan(tiny_llama):
         assert hook.plan == {"kept": [1], "checkpointed": [0]} and hook.measured == {}
 
 
-@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize("stash", ["all", "attention", "mlp"])
 def test_stashed_blocks_give_the_same_loss_and_gradients(tiny_llama, backend, dropout, stash, monkeypatch):
@@ -680,6 +682,7 @@ def test_link_planner_spreads_what_the_link_carries():
     assert planner._plan(layer, x, ms) == {}
 
 
+@needs_interpreter
 @pytest.mark.parametrize("mode", ["on", "offload"])
 def test_checkpointed_mlp_in_row_blocks_matches_the_reference(tiny_llama, mode):
     """Checkpointing with the MLP in blocks of 5 of the batch's 42 tokens (the no-grad forward and the

@@ -7,6 +7,7 @@ from torch import nn
 from hare import load_model
 from hare.engine.lora import LoRALinear4bit, apply_lora, lora_modules, merge, trainable_parameters
 from hare.quant.linear import Linear4bit
+from tests.interpreter import BACKENDS
 
 pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
@@ -39,7 +40,7 @@ def _batch():
     return ids, labels
 
 
-@pytest.mark.parametrize("backend", ["ref", "triton"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_4bit_gradients_equal_dense_dequantized(tiny_llama, backend):
     q, dense = dequantized_twin(tiny_llama)
     apply_lora(q, r=4, alpha=8, seed=0, backend=backend)

@@ -39,6 +39,7 @@ from hare import load_model
 from hare.engine.checkpoint import load_adapter, save_adapter
 from hare.engine.lora import apply_lora, lora_modules, trainable_parameters
 from tests.models.test_families import BASE, CASES, _lm_class
+from tests.interpreter import BACKENDS
 from tests.tolerance import assert_close_to_ref
 
 peft = pytest.importorskip("peft")
@@ -150,8 +151,7 @@ def _diagonal_masks(model, params):
 
 
 # "triton": the fused LoRA autograd functions (kernels/lora.py) that run on the GPU, activations through the
-# Triton interpreter here; "ref": the composed reference ops.
-BACKENDS = ["ref", "triton"]
+# Triton interpreter here (tests/interpreter.py BACKENDS); "ref": the composed reference ops.
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
