@@ -32,14 +32,16 @@ off-diagonal B gradients are zeroed before each step: then B stays block-diagona
 zero weight leaves it zero), each A block's gradient is exactly its part's, and peft trains hare's model. The
 gradient test compares every hare gradient with its block of peft's.
 """
+import json
+
 import pytest
 import torch
 
 from hare import load_model
 from hare.engine.checkpoint import load_adapter, save_adapter
 from hare.engine.lora import apply_lora, lora_modules, trainable_parameters
-from tests.models.test_families import BASE, CASES, _lm_class
 from tests.interpreter import BACKENDS
+from tests.models.test_families import BASE, CASES, _lm_class, hf_attention
 from tests.tolerance import assert_close_to_ref
 
 peft = pytest.importorskip("peft")
@@ -101,7 +103,10 @@ def _hare(path, targets, backend):
 
 def _peft(cls, path, adapter_dir, dtype=torch.float32, trainable=True):
     """transformers' model in `dtype` with the adapter read by peft; returns it and {name: parameter}."""
-    pm = peft.PeftModel.from_pretrained(cls.from_pretrained(path, dtype=dtype), adapter_dir, is_trainable=trainable)
+    with open(f"{path}/config.json") as f:
+        kw = hf_attention(json.load(f))
+    pm = peft.PeftModel.from_pretrained(cls.from_pretrained(path, dtype=dtype, **kw), adapter_dir,
+                                        is_trainable=trainable)
     params = dict(pm.named_parameters())
     assert all(p.dtype == dtype for n, p in params.items() if ".lora_" in n)
     return pm, params

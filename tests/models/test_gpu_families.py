@@ -54,7 +54,7 @@ from hare import kernels, load_model
 from hare.engine.checkpoint import save_adapter
 from hare.engine.lora import apply_lora, lora_modules, trainable_parameters
 from hare.quant.linear import Linear4bit
-from tests.models.test_families import BASE, CASES, _lm_class
+from tests.models.test_families import BASE, CASES, _lm_class, hf_attention
 from tests.models.test_family_lora import FAMILIES, _block, _views
 from tests.tolerance import error_floor
 
@@ -125,20 +125,12 @@ def batch(vocab, packed, device, seed=0):
     return ids.to(device), labels.to(device), pos.to(device), docs.to(device)
 
 
-def _has_attn_softcap(path):
-    with open(f"{path}/config.json") as f:
-        return json.load(f).get("attn_logit_softcapping") is not None
-
-
 def _peft_model(cls, path, adapter_dir, dtype, device):
     """transformers' model in `dtype` with the adapter read by peft, in `dtype` too (by default peft keeps it in
     fp32 on a bf16 model and runs the adapter branch in fp32: a more precise computation than the bf16 one under
     test, not its control); returns it and {name: parameter}."""
-    # Attention-logit softcapping (Gemma 2) exists only in transformers' eager attention. transformers 5.17 (the
-    # GPU machine's) loads Gemma 2 with sdpa by default, which drops the cap: hare was 10-20x the control's
-    # error in every tensor there, with its own attention and cross-entropy on their _ref paths too (H200,
-    # 2026-11-28); 5.24 picks eager. So the reference asks for eager.
-    kw = dict(attn_implementation="eager") if _has_attn_softcap(path) else {}
+    with open(f"{path}/config.json") as f:
+        kw = hf_attention(json.load(f))  # eager for Gemma 2's softcap (test_families.py)
     pm = peft.PeftModel.from_pretrained(cls.from_pretrained(path, dtype=dtype, **kw), adapter_dir, is_trainable=True,
                                         autocast_adapter_dtype=False)
     assert not kw or pm.config._attn_implementation == "eager"
