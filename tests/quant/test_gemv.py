@@ -198,7 +198,7 @@ def test_prmt_ptx_gives_dequantize_bits():
 
 
 def test_gemv_prmt_needs_bf16_on_a_gpu():
-    """The library's table may name lut="prmt"; gemv_nf4 then runs other dtypes and the interpreter with the same
+    """The library's table names lut="prmt"; gemv_nf4 then runs other dtypes and the interpreter with the same
     tile and the gather table, while an explicit launch_gemv refuses."""
     w = quantize_nf4(torch.randn(4, 128, device=DEVICE))
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
