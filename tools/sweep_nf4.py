@@ -101,8 +101,10 @@ def gemv_variants():
     """{(n, k): [GemvConfig, ...]}: the variants timed on the first layer of each shape (the library's current
     config is timed in front of them). Names: rows x words per step / warps.
 
-    Why these. Every shape is far from HBM bandwidth (q/o: 0.7 TB/s of 4.2), i.e. latency-bound: too few bytes in
-    flight per SM, and the whole kernel lasts a few round trips. So the small shapes try what requests more of a
+    Why these. Every shape is far from HBM bandwidth (q/o: 0.7 TB/s of 4.2 with gather). They were first read as
+    latency-bound (too few bytes in flight per SM; the whole kernel lasts a few round trips); a probe in run S9-4
+    showed the gather loop issue-bound instead (quant/gemv.py's docstring), which lut "prmt" answers (its list
+    at the end). The gather lists stay as they were: the small shapes try what requests more of a
     program's bytes at once and what makes more programs: block_k 512 covers a K = 4096 row (512 words) in one step
     (every load of a program issued together), 256 in 2 steps, 128 in 4; 1-row programs double the grid of the 2-row
     default; split_k 2/4 multiplies it again at the cost of a second kernel (launch_gemv adds the fp32 partials in
