@@ -25,8 +25,8 @@ What it needs, checked where it can be:
 - no randomness: adapter dropout reads and sets the RNG state around each recomputed layer (engine/offload.py).
 The loss returned is a copy of the graph's output (the next replay overwrites the original). With max_grad_norm the
 step clips the global gradient norm before the optimizer step, as hare.train does (torch's clip_grad_norm_, which
-reads nothing back to the host), and `grad_norm` holds the norm before clipping. (Clipping was added after session
-8's device time was spent: its GPU test, test_gpu.py test_cuda_graph_step_clips_as_the_eager_step, has not run yet.)
+reads nothing back to the host), and `grad_norm` holds the norm before clipping (tests/engine/test_gpu.py
+test_cuda_graph_step_clips_as_the_eager_step; passed on the H200 in run S9-1).
 
 Measured (H200, BENCHMARKS.md session 8): tests/engine/test_gpu.py checks it against the eager step in every
 checkpointing mode. Llama-3.2-1B QLoRA at 2048 x 4 with offload: 68.2-68.5k tok/s graphed (run S8-5), 44.5-49.9k

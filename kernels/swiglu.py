@@ -154,13 +154,13 @@ def _check(gate, up):
         raise ValueError(f"gate must be a floating tensor with at least one dim, got {gate.dtype} {tuple(gate.shape)}")
 
 
-def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None, bwd=False):
+def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None):
     """grid and tile for (m, n) rows: `block` elements per program (short rows share a program); the arguments
     override BLOCK and NUM_WARPS (tools/bench_kernels.py --sweep). With folded adapters the tile is FOLD_TILE
     (or `fold_tile`): tl.dot needs >= 16 rows and columns."""
     if folded:
         block_m, block_n = fold_tile or FOLD_TILE
-        num_warps = num_warps or (FOLD_WARPS_BWD if bwd else FOLD_WARPS_FWD)
+        num_warps = num_warps or FOLD_WARPS
     else:
         block = block or BLOCK
         block_n = min(triton.next_power_of_2(n), block)
@@ -179,7 +179,7 @@ def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None, bwd=
 # registers against 113-155 for 32 rows (offline SASS, session 8). Fewer warps per tile also served the 8B step
 # before (runs E3 / S3-3: forward 9.4 ms with 4 warps vs 10.2 with 8).
 FOLD_TILE = (16, 128)
-FOLD_WARPS_FWD, FOLD_WARPS_BWD = 4, 4
+FOLD_WARPS = 4  # forward and backward alike
 
 
 def fold_args(fold, ref):
@@ -240,8 +240,7 @@ def launch_bwd(kernel, dy, gate, up, inplace, fold, block, num_warps, fold_tile=
     n = g2.shape[1]
     if dg2.numel():
         lora_args, meta = fold_args(fold, g2)
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile,
-                            bwd=True)
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile)
         kernel[grid](dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
                      dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),
                      *lora_args, STORE_H=inplace, INTERPRET=interpreting(dg2), **constexprs, **meta, **cfg)

@@ -70,7 +70,7 @@ class GemvConfig(NamedTuple):
 #                        variants in run S3-4 was that one)
 #   down 4096 x 14336:  26.7 us vs 73.6 = 2.75x (gather: 35.1 us)
 #   gate/up 14336 x 4096: 26.4 / 26.6 us vs 75.5 = 2.86x / 2.84x (gather: 34.6-34.7 us)
-# Other x dtypes (and the interpreter) run the same tiles with lut="gather" (gemv_nf4): the byte tables hold bf16.
+# Other x dtypes (and the interpreter) run the same tiles with lut="gather" (gemv_nf4, through `runnable`).
 GEMV_CONFIGS = (
     # k/v (N <= 2048): 1 row x 512 words (a whole K = 4096 row in one step), 4 warps
     (2048, None, GemvConfig(block_n=1, block_k=512, num_warps=4, lut="prmt", fp_fusion=True)),
@@ -277,6 +277,14 @@ def _check_config(config):
         raise ValueError(f"config.split_k and config.num_stages must be >= 1, got {config}")
 
 
+def runnable(config, x) -> GemvConfig:
+    """`config` as it can run on x: lut="prmt" only with bf16 x on a GPU (the byte tables hold bf16 weights, and
+    only a GPU runs PTX); elsewhere the same tile with lut="gather"."""
+    if config.lut == "prmt" and (x.dtype != torch.bfloat16 or interpreting(x)):
+        return config._replace(lut="gather")
+    return config
+
+
 def gemv_config(n, k) -> GemvConfig:
     """The launch config for an (n, k) weight: the first GEMV_CONFIGS row that bounds both."""
     for max_n, max_k, config in GEMV_CONFIGS:
@@ -301,10 +309,7 @@ def gemv_nf4(x, w, backend=None):
     if pick_backend(backend, x) == "ref":
         return gemv_nf4_ref(x, w)
     y = torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
-    config = gemv_config(*w.shape)
-    if config.lut == "prmt" and (x.dtype != torch.bfloat16 or interpreting(x)):
-        config = config._replace(lut="gather")  # the byte tables hold bf16 weights, and only a GPU runs PTX
-    launch_gemv(x.contiguous(), w, y, config)
+    launch_gemv(x.contiguous(), w, y, runnable(gemv_config(*w.shape), x))
     return y
 
 
@@ -327,7 +332,7 @@ def launch_gemv(x, w, y, config):
     out = y if split == 1 else torch.empty((split, n), dtype=torch.float32, device=y.device)
     interpret = interpreting(x)
     prmt = config.lut == "prmt" and aligned  # the general path looks the table up from memory whatever lut says
-    if prmt and (x.dtype != torch.bfloat16 or interpret):
+    if prmt and runnable(config, x) != config:
         raise ValueError(f"config.lut='prmt' needs bf16 x on a GPU (PTX byte permutes), got {x.dtype} on "
                          f"{'the interpreter' if interpret else x.device}")
     if prmt and x.data_ptr() % 16:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hare.quant import gemv_nf4, gemv_nf4_ref, quantize_nf4
-from hare.quant.gemv import GEMV_CONFIGS, GemvConfig, gemv_config, launch_gemv
+from hare.quant.gemv import GEMV_CONFIGS, GemvConfig, gemv_config, launch_gemv, runnable
 from tests.quant.bnb_oracle import DEVICE
 from tests.tolerance import assert_close_to_ref
 
@@ -216,7 +216,7 @@ def test_config_table_and_preconditions():
     x, w = torch.randn(1, 64, device=DEVICE), quantize_nf4(torch.randn(2, 64, device=DEVICE))
     for _, _, config in GEMV_CONFIGS:  # a table edited after a sweep still holds valid configs
         y = torch.full((1, 2), float("nan"), device=DEVICE)
-        launch_gemv(x, w, y, config._replace(lut="gather") if config.lut == "prmt" else config)  # fp32 x
+        launch_gemv(x, w, y, runnable(config, x))  # fp32 x: prmt rows run as gather
         assert_close_to_ref(y, gemv_nf4_ref(x.double(), w, weight_dtype=x.dtype), gemv_nf4_ref(x, w), "y", ulps=6)
     assert gemv_config(2 ** 20, 2 ** 20) == GEMV_CONFIGS[-1][2]  # the last row bounds nothing
     w = quantize_nf4(torch.randn(2, 64, device=DEVICE))
