@@ -29,7 +29,7 @@ from ._triton import cast
 # tile size (FWD_BLOCK below). Measured (H200, 16384 x 14336 bf16, tanh, run S3-4): forward 0.322 ms and forward +
 # backward 0.861 ms, 104% of that run's copy measurement, equal to torch.compile of geglu_ref.
 from .swiglu import _check as _check_pair
-from .swiglu import _sigmoid_pair, launch_bwd, launch_fwd, load_gate_up, tile
+from .swiglu import _sigmoid_pair, launch_bwd, launch_fwd, load_dy, load_gate_up, tile
 
 APPROXIMATIONS = ("tanh", "none")
 # The forward's own tile (elements per program, warps): gelu's extra arithmetic per element hides better behind
@@ -66,7 +66,7 @@ def _geglu_fwd_kernel(
     M, N,  # rows, row length
     g_row, u_row, y_row,  # row strides in elements
     ag_ptr, bg_ptr, au_ptr, bu_ptr,  # folded adapters (LORA_G / LORA_U), as in swiglu
-    r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,
+    r, ag_row, bg_k, bg_n, au_row, bu_k, bu_n, scale_g, scale_u,
     LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     TANH: tl.constexpr,  # tanh approximation vs exact erf
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
@@ -74,7 +74,7 @@ def _geglu_fwd_kernel(
 ):
     rows, cols = tile(N, BLOCK_M, BLOCK_N)
     g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
-                        ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
+                        ag_row, bg_k, bg_n, au_row, bu_k, bu_n, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     out = rows.to(tl.int64)[:, None] * y_row + cols[None, :]  # row * stride can pass 2^31
     act, _ = _gelu_and_grad(g, TANH)  # the unused derivative is dead code, removed by the compiler
@@ -92,8 +92,10 @@ def _geglu_bwd_kernel(
     M, N,  # rows, row length
     dy_row, g_row, u_row, dg_row, du_row, h_row,  # row strides in elements
     ag_ptr, bg_ptr, au_ptr, bu_ptr,  # folded adapters, as in the forward
-    r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,
-    LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    r, ag_row, bg_k, bg_n, au_row, bu_k, bu_n, scale_g, scale_u,
+    ad_ptr, bd_ptr, rd, ad_row, bd_k, bd_n, scale_d,  # the next projection's adapter term in dy (swiglu.load_dy)
+    LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, LORA_DY: tl.constexpr, RD: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
     STORE_H: tl.constexpr,  # also write the forward's output (the fused MLP needs it for down_proj's adapter)
     TANH: tl.constexpr,  # tanh approximation vs exact erf
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
@@ -101,11 +103,12 @@ def _geglu_bwd_kernel(
 ):
     rows, cols = tile(N, BLOCK_M, BLOCK_N)
     g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
-                        ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
+                        ag_row, bg_k, bg_n, au_row, bu_k, bu_n, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
+    dy = load_dy(dy_ptr, rows, cols, M, N, dy_row, ad_ptr, bd_ptr, rd, ad_row, bd_k, bd_n, scale_d, LORA_DY, RD,
+                 UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     row = rows.to(tl.int64)[:, None]
     cols = cols[None, :]
-    dy = tl.load(dy_ptr + row * dy_row + cols, mask=mask, other=0.0).to(tl.float32)
     act, grad = _gelu_and_grad(g, TANH)
     # dup = dy gelu(g) ; dgate = dy up gelu'(g)
     tl.store(du_ptr + row * du_row + cols, cast(dy * act, du_ptr.dtype.element_ty, INTERPRET), mask=mask)
@@ -127,10 +130,10 @@ def geglu_fwd(gate, up, approximate, block=None, num_warps=None, fold=None):
     return launch_fwd(_geglu_fwd_kernel, gate, up, fold, block, num_warps, TANH=approximate == "tanh")
 
 
-def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None, inplace=False, fold=None):
-    """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy), h = gelu(g) up; fold: see
-    swiglu_bwd."""
-    return launch_bwd(_geglu_bwd_kernel, dy, gate, up, inplace, fold, block, num_warps,
+def geglu_bwd(dy, gate, up, approximate, block=None, num_warps=None, inplace=False, fold=None, dy_fold=None):
+    """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy), h = gelu(g) up; fold,
+    dy_fold: see swiglu_bwd."""
+    return launch_bwd(_geglu_bwd_kernel, dy, gate, up, inplace, fold, block, num_warps, dy_fold=dy_fold,
                       TANH=approximate == "tanh")
 
 

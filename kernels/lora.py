@@ -39,6 +39,9 @@ before the activation. The alternative, y.addmm_(x A^T, B^T), is a GEMM whose co
 whole (tokens x intermediate) output once more: 0.18 ms per call at 8192 x 14336 bf16 on an H200, 24 ms per
 training step of Llama-3.1-8B (BENCHMARKS.md, profile). The sum is then formed in fp32 and not rounded to the
 compute dtype before the activation: one rounding fewer than the reference, never one more.
+down_proj's input-gradient term s_d (dy B_d) A_d is folded the same way into the activation's backward, which reads
+dh anyway (dy_fold): dh = dy W_d stays the GEMM's output, and the dh.addmm_ pass it replaces read and wrote the
+whole (tokens x intermediate) dh once more (see BENCHMARKS.md, session 10, for its measured cost and saving).
 The other order (the adapter product first, y = s (x A^T) B^T, then the base GEMM adding x W^T onto it with cuBLAS's
 beta = 1, no folding) was timed against this one and removed (H200, 2026-11-29, run S9-2, BENCHMARKS.md): 1B QLoRA
 graphed 67.4k / 67.3k tok/s vs 67.6k / 68.5k, 8B QLoRA offload 13,539 vs 13,622, 8B "auto" graphed 16,702 vs
@@ -288,39 +291,51 @@ def _act_fwd(act, g, u, fold=None):
     return swiglu_fwd(g, u, fold=fold) if act == "silu" else geglu_fwd(g, u, _approximate(act), fold=fold)
 
 
-def _act_bwd_inplace(act, dh, g, u, fold=None):
+def _act_bwd_inplace(act, dh, g, u, fold=None, dy_fold=None):
     """(dg, du, h) written over (g, u, dh): one pass, no new (tokens x intermediate) buffer."""
     if act == "silu":
-        return swiglu_bwd(dh, g, u, inplace=True, fold=fold)
-    return geglu_bwd(dh, g, u, _approximate(act), inplace=True, fold=fold)
+        return swiglu_bwd(dh, g, u, inplace=True, fold=fold, dy_fold=dy_fold)
+    return geglu_bwd(dh, g, u, _approximate(act), inplace=True, fold=fold, dy_fold=dy_fold)
+
+
+def _foldable(x2):
+    """Whether adapter terms can go into the activation kernels (kernels/swiglu.py fold_args) instead of GEMM
+    passes over (tokens x intermediate) tensors: the kernels' dtypes."""
+    return x2.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def _gate_up_fold(x2, ab):
-    """Whether gate's and up's adapter terms go into the activation kernel (kernels/swiglu.py fold_args) instead
-    of a GEMM pass adding s (x A^T) B^T to each (tokens x intermediate) output: tl.dot dtypes, one shared rank."""
+    """Whether gate's and up's adapter terms s (x A^T) B^T are folded into the activation kernels instead of a GEMM
+    pass adding each to its (tokens x intermediate) output: the kernels' dtypes and one shared rank."""
     ranks = {A.shape[0] for A in (ab[0], ab[2]) if A is not None}
-    return x2.dtype in (torch.float16, torch.bfloat16, torch.float32) and len(ranks) == 1
+    return _foldable(x2) and len(ranks) == 1
 
 
 def _fold(ab, xa_g, xa_u, scales):
-    """The activation kernels' fold tuple (xa_g, B_g, s_g, xa_u, B_u, s_u), None for a side without adapter."""
-    return xa_g, ab[1], scales[0], xa_u, ab[3], scales[1]
+    """The activation kernels' fold tuple (xa_g, B_g^T, s_g, xa_u, B_u^T, s_u), None for a side without adapter."""
+    bt = [None if B is None else B.t() for B in (ab[1], ab[3])]
+    return xa_g, bt[0], scales[0], xa_u, bt[1], scales[1]
 
 
 def _mlp_backward(x2, g, u, dy2, ab, A_cat, xa_g, xa_u, ha_d, weights, scales, act, folded, need, ab_dtypes):
     """The MLP's gradients for a block of rows: (dx, [dA_g, dB_g, dA_u, dB_u, dA_d, dB_d]). g and u (the saved
     gate / up outputs) are consumed: dg, du and h are written over them and dh."""
     A_d, B_d, s_d = ab[4], ab[5], scales[2]
-    # down: dh = dy W_d + s_d (dy B_d) A_d
+    # down: dh = dy W_d + s_d (dy B_d) A_d, the second term added inside the activation's backward (dy_fold) where
+    # the kernels take the dtype, else by a GEMM pass over dh
     W = dense(weights[2], dy2.dtype)
     dh = dy2 @ W
     del W
+    dy_fold = None
     if A_d is not None:
         dyb = dy2 @ B_d
-        dh.addmm_(dyb, A_d, alpha=s_d)
+        if _foldable(dh):
+            dy_fold = (dyb, A_d, s_d)
+        else:
+            dh.addmm_(dyb, A_d, alpha=s_d)
     # the activation's backward, with h (down's input, needed by its adapter) from the same pass
     fold = _fold(ab, xa_g, xa_u, scales) if folded else None
-    dg, du, h = _act_bwd_inplace(act, dh, g, u, fold)
+    dg, du, h = _act_bwd_inplace(act, dh, g, u, fold, dy_fold)
     del g, u, dh
     dA_d = dB_d = None
     if A_d is not None:

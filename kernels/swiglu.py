@@ -50,16 +50,19 @@ def tile(N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
 
 
 @triton.jit
-def lora_term(xa_ptr, b_ptr, rows, cols, M, N, r, xa_row, b_row,
+def lora_term(xa_ptr, bt_ptr, rows, cols, M, N, r, xa_row, bt_k, bt_n,
               R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """fp32 (BLOCK_M, BLOCK_N) tile of xa[rows, :r] @ B[cols, :r]^T: the low-rank part of a LoRA projection's
-    output, for a kernel that reads the base output anyway (R >= 16: the rank padded for tl.dot; UPCAST on the
-    interpreter, whose tl.dot on bf16 is garbage; PREC "ieee" for fp32 inputs, never tf32)."""
+    """fp32 (BLOCK_M, BLOCK_N) tile of xa[rows, :r] @ Bt[:r, cols]: the low-rank part of a LoRA product, for a
+    kernel that reads the base tensor anyway. xa (M, r) row-major (row stride xa_row); Bt (r, N) with strides
+    bt_k, bt_n: B^T as a view of a row-major B (N, r) (bt_k = 1, bt_n = r), or A (r, N) itself. One tl.dot (R >=
+    16: the rank padded; UPCAST on the interpreter, whose tl.dot on bf16 is garbage; PREC "ieee" for fp32 inputs,
+    never tf32). r fp32 FMAs per element instead (each k's xa column and Bt row loaded as vectors in the tile's
+    own layout, no shared-memory conversion) ran 2-4x slower (H200, run S10-2, BENCHMARKS.md): issue-bound."""
+    row = rows.to(tl.int64)
     k = tl.arange(0, R)
-    xa = tl.load(xa_ptr + rows.to(tl.int64)[:, None] * xa_row + k[None, :],
-                 mask=(rows < M)[:, None] & (k < r)[None, :], other=0.0)
-    b = tl.load(b_ptr + cols.to(tl.int64)[None, :] * b_row + k[:, None],
-                mask=(k < r)[:, None] & (cols < N)[None, :], other=0.0)
+    xa = tl.load(xa_ptr + row[:, None] * xa_row + k[None, :], mask=(rows < M)[:, None] & (k < r)[None, :], other=0.0)
+    b = tl.load(bt_ptr + k[:, None] * bt_k + cols[None, :] * bt_n, mask=(k < r)[:, None] & (cols < N)[None, :],
+                other=0.0)
     if UPCAST:
         return tl.dot(xa.to(tl.float32), b.to(tl.float32), input_precision=PREC)
     else:
@@ -68,7 +71,7 @@ def lora_term(xa_ptr, b_ptr, rows, cols, M, N, r, xa_row, b_row,
 
 @triton.jit
 def load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row,
-                 ag_ptr, bg_ptr, au_ptr, bu_ptr, r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,
+                 ag_ptr, bg_ptr, au_ptr, bu_ptr, r, ag_row, bg_k, bg_n, au_row, bu_k, bu_n, scale_g, scale_u,
                  LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr,
                  PREC: tl.constexpr):
     """fp32 tiles of gate and up, each base output plus scale * (x A^T) B^T when its adapter is folded in
@@ -79,10 +82,23 @@ def load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row,
     g = tl.load(g_ptr + row * g_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + row * u_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     if LORA_G:
-        g += scale_g * lora_term(ag_ptr, bg_ptr, rows, cols, M, N, r, ag_row, bg_row, R, UPCAST, PREC)
+        g += scale_g * lora_term(ag_ptr, bg_ptr, rows, cols, M, N, r, ag_row, bg_k, bg_n, R, UPCAST, PREC)
     if LORA_U:
-        u += scale_u * lora_term(au_ptr, bu_ptr, rows, cols, M, N, r, au_row, bu_row, R, UPCAST, PREC)
+        u += scale_u * lora_term(au_ptr, bu_ptr, rows, cols, M, N, r, au_row, bu_k, bu_n, R, UPCAST, PREC)
     return g, u
+
+
+@triton.jit
+def load_dy(dy_ptr, rows, cols, M, N, dy_row, ad_ptr, bd_ptr, rd, ad_row, bd_k, bd_n, scale_d,
+            LORA_DY: tl.constexpr, RD: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """fp32 tile of the activation's output gradient: dy, plus scale_d * (dy_down B_d) A_d when the next
+    projection's adapter term is folded in (LORA_DY: the fused MLP's down_proj, whose input gradient is
+    dh = dy W_d + s_d (dy B_d) A_d; ad = dy B_d (M, rd), bd = A_d (rd, N))."""
+    mask = (rows < M)[:, None] & (cols < N)[None, :]
+    dy = tl.load(dy_ptr + rows.to(tl.int64)[:, None] * dy_row + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if LORA_DY:
+        dy += scale_d * lora_term(ad_ptr, bd_ptr, rows, cols, M, N, rd, ad_row, bd_k, bd_n, RD, UPCAST, PREC)
+    return dy
 
 
 @triton.jit
@@ -92,15 +108,15 @@ def _swiglu_fwd_kernel(
     y_ptr,  # (M, N) out, row stride y_row
     M, N,  # rows, row length
     g_row, u_row, y_row,  # row strides in elements
-    ag_ptr, bg_ptr, au_ptr, bu_ptr,  # folded adapters (LORA_G / LORA_U): x A^T (M, r) and B (N, r) of gate, up
-    r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,  # their rank, row strides and scales
+    ag_ptr, bg_ptr, au_ptr, bu_ptr,  # folded adapters (LORA_G / LORA_U): x A^T (M, r) and B^T (r, N) of gate, up
+    r, ag_row, bg_k, bg_n, au_row, bu_k, bu_n, scale_g, scale_u,  # their rank, strides (lora_term), scales
     LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows, cols = tile(N, BLOCK_M, BLOCK_N)
     g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
-                        ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
+                        ag_row, bg_k, bg_n, au_row, bu_k, bu_n, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     out = rows.to(tl.int64)[:, None] * y_row + cols[None, :]
     s, _ = _sigmoid_pair(g)
@@ -118,19 +134,22 @@ def _swiglu_bwd_kernel(
     M, N,  # rows, row length
     dy_row, g_row, u_row, dg_row, du_row, h_row,  # row strides in elements
     ag_ptr, bg_ptr, au_ptr, bu_ptr,  # folded adapters, as in the forward
-    r, ag_row, bg_row, au_row, bu_row, scale_g, scale_u,
-    LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+    r, ag_row, bg_k, bg_n, au_row, bu_k, bu_n, scale_g, scale_u,
+    ad_ptr, bd_ptr, rd, ad_row, bd_k, bd_n, scale_d,  # the next projection's adapter term in dy (LORA_DY, load_dy)
+    LORA_G: tl.constexpr, LORA_U: tl.constexpr, R: tl.constexpr, LORA_DY: tl.constexpr, RD: tl.constexpr,
+    UPCAST: tl.constexpr, PREC: tl.constexpr,
     STORE_H: tl.constexpr,  # also write the forward's output (the fused MLP needs it for down_proj's adapter)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,  # tile: rows x columns per program
     INTERPRET: tl.constexpr,  # launched on the interpreter: casts to bf16 round by hand (_triton.cast)
 ):
     rows, cols = tile(N, BLOCK_M, BLOCK_N)
     g, u = load_gate_up(g_ptr, u_ptr, rows, cols, M, N, g_row, u_row, ag_ptr, bg_ptr, au_ptr, bu_ptr, r,
-                        ag_row, bg_row, au_row, bu_row, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
+                        ag_row, bg_k, bg_n, au_row, bu_k, bu_n, scale_g, scale_u, LORA_G, LORA_U, R, UPCAST, PREC)
+    dy = load_dy(dy_ptr, rows, cols, M, N, dy_row, ad_ptr, bd_ptr, rd, ad_row, bd_k, bd_n, scale_d, LORA_DY, RD,
+                 UPCAST, PREC)
     mask = (rows < M)[:, None] & (cols < N)[None, :]
     row = rows.to(tl.int64)[:, None]
     cols = cols[None, :]
-    dy = tl.load(dy_ptr + row * dy_row + cols, mask=mask, other=0.0).to(tl.float32)
     s, one_minus_s = _sigmoid_pair(g)
     # dup = dy silu(g) ; dgate = dy up s (1 + g (1 - s))
     tl.store(du_ptr + row * du_row + cols, cast(dy * g * s, du_ptr.dtype.element_ty, INTERPRET), mask=mask)
@@ -182,27 +201,50 @@ FOLD_TILE = (16, 128)
 FOLD_WARPS = 4  # forward and backward alike
 
 
+def _rank(xa, bt, what, ref):
+    """Rank of one folded product xa @ bt: xa (rows, r) row-major and bt (r, N) of any strides, in ref's dtype."""
+    for t in (xa, bt):
+        if t.dim() != 2 or t.dtype != ref.dtype or (t is xa and t.stride(-1) != 1):
+            raise ValueError(f"{what}: folded adapter tensors must be 2-D in {ref.dtype}, xa row-major, got "
+                             f"{t.dtype} {tuple(t.shape)} strides {t.stride()}")
+    if xa.shape[0] != ref.shape[0] or bt.shape != (xa.shape[1], ref.shape[1]):
+        raise ValueError(f"{what}: xa {tuple(xa.shape)} and Bt {tuple(bt.shape)} do not fit a "
+                         f"{tuple(ref.shape)} tile ((rows, r) and (r, N) expected)")
+    return xa.shape[1]
+
+
+def _padded(r):
+    """The R constexpr of lora_term: the rank padded to a tl.dot size (>= 16)."""
+    return max(16, triton.next_power_of_2(r))
+
+
 def fold_args(fold, ref):
-    """(arguments, constexprs) of the kernels for adapters folded into the activation. fold: None, or
-    (xa_g, B_g, scale_g, xa_u, B_u, scale_u) with xa = x A^T (rows, r) and B (N, r) in the compute dtype, either
-    pair None (that side has no adapter). Both sides must share the rank."""
+    """(arguments, constexprs) of the kernels for adapters folded into the activation.
+    fold: None, or (xa_g, Bt_g, scale_g, xa_u, Bt_u, scale_u) with xa = x A^T (rows, r) row-major and Bt = B^T
+    (r, N) (e.g. B.t(), no copy) in the compute dtype, either side's pair None (no adapter there); both sides
+    share the rank."""
     ag, bg, sg, au, bu, su = fold if fold is not None else (None,) * 6
-    ranks = {t.shape[-1] for t in (ag, au) if t is not None}
+    ranks = {_rank(a, b, name, ref) for a, b, name in ((ag, bg, "gate"), (au, bu, "up")) if a is not None}
     if len(ranks) > 1:
         raise ValueError(f"gate and up adapters folded into one activation must share a rank, got {sorted(ranks)}")
-    r = ranks.pop() if ranks else 0
-    for t in (ag, bg, au, bu):
-        if t is not None and (t.stride(-1) != 1 or t.dtype != ref.dtype):
-            raise ValueError(f"folded adapter tensors must be row-major in {ref.dtype}, got {t.dtype} "
-                             f"strides {t.stride()}")
+    r = ranks.pop() if ranks else 1
     ag, bg = (ag, bg) if ag is not None else (ref, ref)
     au, bu = (au, bu) if au is not None else (ref, ref)
-    args = [ag, bg, au, bu, r, ag.stride(0), bg.stride(0), au.stride(0), bu.stride(0), float(sg or 0.0),
+    args = [ag, bg, au, bu, r, ag.stride(0), *bg.stride(), au.stride(0), *bu.stride(), float(sg or 0.0),
             float(su or 0.0)]
     meta = dict(LORA_G=fold is not None and fold[0] is not None, LORA_U=fold is not None and fold[3] is not None,
-                R=max(16, triton.next_power_of_2(max(r, 1))), UPCAST=interpreting(ref),
+                R=_padded(r), UPCAST=interpreting(ref),
                 PREC="ieee" if ref.dtype == torch.float32 else "tf32")
     return args, meta
+
+
+def dy_fold_args(dy_fold, ref):
+    """The backward kernels' (arguments, constexprs) for dy_fold: None, or (dy_d B_d (rows, rd), A_d (rd, N),
+    scale_d), the next projection's adapter term in the incoming gradient (load_dy)."""
+    ad, bd, sd = dy_fold if dy_fold is not None else (ref, ref, 0.0)
+    rd = _rank(ad, bd, "dy", ref) if dy_fold is not None else 1
+    return ([ad, bd, rd, ad.stride(0), *bd.stride(), float(sd)],
+            dict(LORA_DY=dy_fold is not None, RD=_padded(rd)))
 
 
 def bwd_buffers(dy, gate, up, inplace):
@@ -233,17 +275,20 @@ def launch_fwd(kernel, gate, up, fold, block, num_warps, fold_tile=None, **const
     return y
 
 
-def launch_bwd(kernel, dy, gate, up, inplace, fold, block, num_warps, fold_tile=None, **constexprs):
+def launch_bwd(kernel, dy, gate, up, inplace, fold, block, num_warps, fold_tile=None, dy_fold=None, **constexprs):
     """(dgate, dup), or with inplace (dgate, dup, h) over (gate, up, dy), through a gated activation's backward
-    kernel; as launch_fwd."""
+    kernel; as launch_fwd, with dy_fold (dy_fold_args)."""
     dy2, g2, u2, dg2, du2, h2 = bwd_buffers(dy, gate, up, inplace)
     n = g2.shape[1]
     if dg2.numel():
         lora_args, meta = fold_args(fold, g2)
-        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=fold is not None, fold_tile=fold_tile)
+        dy_args, dy_meta = dy_fold_args(dy_fold, g2)
+        folded = fold is not None or dy_fold is not None
+        grid, cfg = _launch(g2.shape[0], n, block, num_warps, folded=folded, fold_tile=fold_tile)
         kernel[grid](dy2, g2, u2, dg2, du2, h2, g2.shape[0], n,
                      dy2.stride(0), g2.stride(0), u2.stride(0), dg2.stride(0), du2.stride(0), h2.stride(0),
-                     *lora_args, STORE_H=inplace, INTERPRET=interpreting(dg2), **constexprs, **meta, **cfg)
+                     *lora_args, *dy_args, STORE_H=inplace, INTERPRET=interpreting(dg2), **constexprs, **meta,
+                     **dy_meta, **cfg)
     shape = gate.shape
     if inplace:
         return dg2.view(shape), du2.view(shape), h2.view(shape)
@@ -255,13 +300,14 @@ def swiglu_fwd(gate, up, block=None, num_warps=None, fold=None, fold_tile=None):
     return launch_fwd(_swiglu_fwd_kernel, gate, up, fold, block, num_warps, fold_tile)
 
 
-def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=None, fold_tile=None):
+def swiglu_bwd(dy, gate, up, block=None, num_warps=None, inplace=False, fold=None, fold_tile=None, dy_fold=None):
     """(dgate, dup); with inplace=True, (dgate, dup, h) written over (gate, up, dy): each element is read before
     it is written by the same thread, so no extra (tokens x intermediate) buffer is needed, and h = silu(g) up
     (the forward's output) comes out of the same pass. The inputs are consumed: the fused MLP's backward uses
     this (kernels/lora.py), where gate, up and dy are its own temporaries. fold: as in swiglu_fwd (gate and
-    up are then the base outputs; the gradients are those of the full gate and up)."""
-    return launch_bwd(_swiglu_bwd_kernel, dy, gate, up, inplace, fold, block, num_warps, fold_tile)
+    up are then the base outputs; the gradients are those of the full gate and up); dy_fold: the next
+    projection's adapter term added to dy (dy_fold_args; the gradients are then those of dy plus it)."""
+    return launch_bwd(_swiglu_bwd_kernel, dy, gate, up, inplace, fold, block, num_warps, fold_tile, dy_fold)
 
 
 class SwiGLUFunction(torch.autograd.Function):

@@ -407,17 +407,27 @@ def _sweep_glu(ctx, sw, name, fwd, bwd):
 def sweep_swiglu(ctx, sw):
     S = importlib.import_module("hare.kernels.swiglu")
     _sweep_glu(ctx, sw, "swiglu", S.swiglu_fwd, S.swiglu_bwd)
-    # gate/up adapters folded in (kernels/lora.py's MLP): rank 16, the backward in place as the MLP runs it
+    # adapters folded in as kernels/lora.py's MLP runs them (rank 16): gate's and up's terms in both passes, and
+    # in the in-place backward down_proj's input-gradient term (dy_fold); for scale, the backward without dy_fold
+    # plus the GEMM pass over dh that it replaces
     i, tokens, r = ctx.shape["intermediate"], max(ctx.tokens), 16
     g, u, dy = ctx.randn(tokens, i, scale=2.0), ctx.randn(tokens, i), ctx.randn(tokens, i)
-    fold = (ctx.randn(tokens, r), ctx.randn(i, r, scale=0.1), 1.0, ctx.randn(tokens, r), ctx.randn(i, r, scale=0.1), 1.0)
-    for tile in ((16, 64), (16, 128), (16, 256), (32, 128), (32, 256), (64, 64), (64, 128)):
-        for nw in (4, 8):
+    fold = (ctx.randn(tokens, r), ctx.randn(i, r, scale=0.1).t(), 1.0, ctx.randn(tokens, r),
+            ctx.randn(i, r, scale=0.1).t(), 1.0)  # B^T as kernels/lora.py passes it: a view of B (i, r)
+    dy_fold = (ctx.randn(tokens, r), ctx.randn(r, i, scale=0.1), 1.0)
+    for tile in ((16, 64), (16, 128), (16, 256), (32, 128), (64, 64)):
+        for nw in (2, 4, 8):
             cfg = f"fold tile={tile[0]}x{tile[1]} num_warps={nw}"
             sw.add("swiglu folded fwd", tokens, cfg, 3 * tokens * i * BF16,
                    lambda: S.swiglu_fwd(g, u, num_warps=nw, fold=fold, fold_tile=tile))
-            sw.add("swiglu folded bwd (in place)", tokens, cfg, 6 * tokens * i * BF16,
-                   lambda: S.swiglu_bwd(dy, g, u, num_warps=nw, inplace=True, fold=fold, fold_tile=tile))
+            sw.add("swiglu folded bwd (in place, dy_fold)", tokens, cfg, 6 * tokens * i * BF16,
+                   lambda: S.swiglu_bwd(dy, g, u, num_warps=nw, inplace=True, fold=fold, fold_tile=tile,
+                                        dy_fold=dy_fold))
+    sw.add("swiglu folded bwd (in place, dy_fold)", tokens, "default tile, no dy_fold, + dh.addmm_",
+           6 * tokens * i * BF16,
+           lambda: (dy.addmm_(dy_fold[0], dy_fold[1]), S.swiglu_bwd(dy, g, u, inplace=True, fold=fold)))
+    sw.add("swiglu folded bwd (in place)", tokens, "default tile, no dy_fold", 6 * tokens * i * BF16,
+           lambda: S.swiglu_bwd(dy, g, u, inplace=True, fold=fold))
 
 
 def sweep_geglu(ctx, sw):

@@ -102,12 +102,57 @@ def test_inplace_backward_also_gives_the_activation():
         assert torch.equal(got, want) and got.data_ptr() == buf.data_ptr()
 
 
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_folded_adapters_match_ref(dtype, act):
+    """Adapter terms folded into the activation kernels (the fused MLP's path): gate' = gate + s_g xa_g Bt_g,
+    up' likewise, and in the backward dy' = dy + s_d ad bd (down_proj's input-gradient term). y, dgate, dup and
+    the in-place h against the ref in fp64 on (gate', up', dy'); control: the same composed in the inputs' dtype
+    (each product rounded, as the GEMM passes the fold replaces). Ranks that are no power of two (the tl.dot's
+    padding masked), 37 x 200: masked row and column tails."""
+    from hare.kernels.geglu import geglu_bwd, geglu_fwd, geglu_ref
+    from hare.kernels.swiglu import swiglu_bwd, swiglu_fwd
+    g = torch.Generator().manual_seed(3)
+    M, N, r, rd = 37, 200, 12, 5
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dtype).to(DEVICE)
+
+    gate, up, dy = rnd(M, N, scale=2.0), rnd(M, N), rnd(M, N)
+    # gate's B^T as kernels/lora.py passes it (a view of the row-major (N, r) B), up's as a row-major (r, N)
+    xa_g, bt_g, xa_u, bt_u = rnd(M, r), rnd(N, r, scale=0.1).t(), rnd(M, r), rnd(r, N, scale=0.1)
+    ad, bd = rnd(M, rd), rnd(rd, N, scale=0.1)
+    fold, dy_fold = (xa_g, bt_g, 2.0, xa_u, bt_u, 0.5), (ad, bd, 1.5)
+    if act == "silu":
+        fwd, bwd, ref = swiglu_fwd, swiglu_bwd, swiglu_ref
+    else:
+        approx = "tanh" if act == "gelu_tanh" else "none"
+        fwd = lambda *a, **k: geglu_fwd(*a, approx, **k)  # noqa: E731
+        bwd = lambda *a, **k: geglu_bwd(*a, approx, **k)  # noqa: E731
+        ref = lambda a, b: geglu_ref(a, b, approx)  # noqa: E731
+    y = fwd(gate, up, fold=fold)
+    dg, du, h = bwd(dy.clone(), gate.clone(), up.clone(), inplace=True, fold=fold, dy_fold=dy_fold)
+
+    def composed(t):
+        """(y, dgate, dup, h) of the ref on the folded inputs, every tensor first cast by t."""
+        gp = t(gate) + 2.0 * (t(xa_g) @ t(bt_g))
+        up_ = t(up) + 0.5 * (t(xa_u) @ t(bt_u))
+        dyp = t(dy) + 1.5 * (t(ad) @ t(bd))
+        gp, up_ = gp.detach().requires_grad_(), up_.detach().requires_grad_()
+        out = ref(gp, up_)
+        return [out, *torch.autograd.grad(out, [gp, up_], dyp), out]
+
+    want, control = composed(lambda t: t.double()), composed(lambda t: t)
+    for name, got, w, c in zip(("y", "dgate", "dup", "h"), (y, dg, du, h), want, control):
+        assert_close_to_ref(got, w, c, name)
+
+
 @pytest.mark.parametrize("tile", [(16, 64), (32, 128), (64, 64)], ids=str)
 def test_folded_adapters_same_bits_on_every_tile(tile):
-    """Adapters folded into the kernels (fold_args; the fused MLP's path, tested against its reference in
-    test_lora.py, at FOLD_TILE): each output element's low-rank term is one rank-16 product however the tiles fall,
-    so another tile (tools/bench_kernels.py sweeps them) must give the default's results bit for bit, forward and
-    in-place backward. 37 x 200: masked row and column tails on every tile."""
+    """Adapters folded into the kernels (fold_args; the fused MLP's path): each output element's low-rank term is
+    one rank-16 product however the tiles fall (one MMA deep), so another tile
+    (tools/bench_kernels.py sweeps them) must give the default's results bit for bit, forward and in-place
+    backward. 37 x 200: masked row and column tails on every tile."""
     from hare.kernels.swiglu import FOLD_TILE, swiglu_bwd, swiglu_fwd
     g = torch.Generator().manual_seed(0)
     M, N, r = 37, 200, 16
@@ -116,11 +161,13 @@ def test_folded_adapters_same_bits_on_every_tile(tile):
         return (torch.randn(*shape, generator=g) * scale).to(torch.bfloat16).to(DEVICE)
 
     gate, up, dy = rnd(M, N, scale=2.0), rnd(M, N), rnd(M, N)
-    fold = (rnd(M, r), rnd(N, r, scale=0.1), 2.0, rnd(M, r), rnd(N, r, scale=0.1), 0.5)
+    fold = (rnd(M, r), rnd(r, N, scale=0.1), 2.0, rnd(M, r), rnd(r, N, scale=0.1), 0.5)
+    dy_fold = (rnd(M, r), rnd(r, N, scale=0.1), 1.5)
     runs = []
     for t in (FOLD_TILE, tile):
         y = swiglu_fwd(gate, up, fold=fold, fold_tile=t)
-        bwd = swiglu_bwd(dy.clone(), gate.clone(), up.clone(), inplace=True, fold=fold, fold_tile=t)
+        bwd = swiglu_bwd(dy.clone(), gate.clone(), up.clone(), inplace=True, fold=fold, fold_tile=t,
+                         dy_fold=dy_fold)
         runs.append((y, *bwd))
     for name, a, b in zip(("y", "dgate", "dup", "h"), *runs):
         assert torch.equal(a, b), f"{name}: tile {tile} differs from {FOLD_TILE}"
