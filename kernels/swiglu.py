@@ -57,7 +57,8 @@ def lora_term(xa_ptr, bt_ptr, rows, cols, M, N, r, xa_row, bt_k, bt_n,
     bt_k, bt_n: B^T as a view of a row-major B (N, r) (bt_k = 1, bt_n = r), or A (r, N) itself. One tl.dot (R >=
     16: the rank padded; UPCAST on the interpreter, whose tl.dot on bf16 is garbage; PREC "ieee" for fp32 inputs,
     never tf32). r fp32 FMAs per element instead (each k's xa column and Bt row loaded as vectors in the tile's
-    own layout, no shared-memory conversion) ran 2-4x slower (H200, run S10-2, BENCHMARKS.md): issue-bound."""
+    own layout, no shared-memory conversion) ran 1.6-1.9x slower at its best tiles (H200, run S10-2,
+    BENCHMARKS.md): issue-bound."""
     row = rows.to(tl.int64)
     k = tl.arange(0, R)
     xa = tl.load(xa_ptr + row[:, None] * xa_row + k[None, :], mask=(rows < M)[:, None] & (k < r)[None, :], other=0.0)
@@ -196,7 +197,9 @@ def _launch(m, n, block=None, num_warps=None, folded=False, fold_tile=None):
 # copy; the former 32 x 128 / 8 warps 0.99, 64 x 64: 1.19-1.30, 64 x 128 / 32 x 256: 1.36-1.88) and within 5% of the
 # best forward (0.575 vs 0.549 ms for 64 x 64 / 8 warps; 32 x 128 / 4 warps: 0.596). 16-row tiles compile to 62-72
 # registers against 113-155 for 32 rows (offline SASS, session 8). Fewer warps per tile also served the 8B step
-# before (runs E3 / S3-3: forward 9.4 ms with 4 warps vs 10.2 with 8).
+# before (runs E3 / S3-3: forward 9.4 ms with 4 warps vs 10.2 with 8). With down_proj's term folded into the
+# backward too (dy_fold, run S10-6): 1.191 ms at 16 x 128 / 4 warps, 1.166 with 2 warps (whose forward is 0.601 ms
+# against 0.570), 1.181 at 16 x 64 / 4 warps (forward 0.643), 1.19-2.15 for the other tiles: kept.
 FOLD_TILE = (16, 128)
 FOLD_WARPS = 4  # forward and backward alike
 

@@ -149,10 +149,10 @@ def test_folded_adapters_match_ref(dtype, act):
 
 @pytest.mark.parametrize("tile", [(16, 64), (32, 128), (64, 64)], ids=str)
 def test_folded_adapters_same_bits_on_every_tile(tile):
-    """Adapters folded into the kernels (fold_args; the fused MLP's path): each output element's low-rank term is
-    one rank-16 product however the tiles fall (one MMA deep), so another tile
-    (tools/bench_kernels.py sweeps them) must give the default's results bit for bit, forward and in-place
-    backward. 37 x 200: masked row and column tails on every tile."""
+    """Adapters folded into the kernels (fold_args, dy_fold_args; the fused MLP's path): each output element's
+    low-rank terms are rank-16 products one MMA deep however the tiles fall, so another tile (tools/bench_kernels.py
+    sweeps them) must give the default's results bit for bit, forward and in-place backward. 37 x 200: masked row
+    and column tails on every tile."""
     from hare.kernels.swiglu import FOLD_TILE, swiglu_bwd, swiglu_fwd
     g = torch.Generator().manual_seed(0)
     M, N, r = 37, 200, 16
