@@ -74,7 +74,7 @@ class CUDAGraphStep:
                 layers.planner.hold_gpu = True
         self.model, self.optimizer, self.warmup = model, optimizer, warmup
         self.params, self.max_grad_norm = params, max_grad_norm
-        self.calls, self.graph, self.static, self.signature, self.loss, self.norm = 0, None, None, None, None, None
+        self.calls, self.graph, self.static, self.loss, self.norm = 0, None, None, None, None
         self.stream = torch.cuda.Stream(params[0].device)
 
     def _step(self, batch):
@@ -112,7 +112,6 @@ class CUDAGraphStep:
             return loss.detach()
         if self.graph is None:
             self.static = {k: v.clone() for k, v in batch.items()}
-            self.signature = self._signature(batch)
             self.optimizer.zero_grad(set_to_none=True)  # backward allocates the gradients in the graph's pool
             # the warm-up's cached blocks would sit unused beside the graph's own pool: give them back
             torch.cuda.synchronize()
@@ -121,8 +120,9 @@ class CUDAGraphStep:
             with torch.cuda.graph(self.graph):
                 self.loss, self.norm = self._step(self.static)
         else:
-            if self._signature(batch) != self.signature:
-                raise ValueError(f"the graph was captured for inputs {self.signature}; got {self._signature(batch)} "
+            want, got = self._signature(self.static), self._signature(batch)
+            if got != want:
+                raise ValueError(f"the graph was captured for inputs {want}; got {got} "
                                  f"(a new shape needs its own CUDAGraphStep)")
             for k, v in batch.items():
                 self.static[k].copy_(v)

@@ -81,6 +81,7 @@ E)
 sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" "$PWD/.anchors/bench_lora.py" \
           --system $1 --model $2 --ckpt /tmp/ckpt_$2 --out "$R" --tag seeded 2>&1 | grep -E "RESULT|Error"; }
   Q="--quant 4bit --gc offload"
+  G="--graph --warmup 4"  # from a CUDA graph: 3 eager warm-up steps (the link planner's), the capture in the 4th
   for it in ${2:-q4 b16}; do case $it in
   q4) ck 8b; H --ckpt /tmp/ckpt_8b $Q; U unsloth_4bit 8b ;;
   b16) ck 8b; H --ckpt /tmp/ckpt_8b --quant 16bit --gc offload; U unsloth_16bit 8b ;;
@@ -92,17 +93,16 @@ sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')" "$PWD
   hf) ck 8b; H --ckpt /tmp/ckpt_8b $Q; U hf_bnb4 8b ;;
   det) ck 8b; H --ckpt /tmp/ckpt_8b $Q --deterministic; H --ckpt /tmp/ckpt_8b $Q --deterministic ;;
   hfseed) ck 8b; H --ckpt /tmp/ckpt_8b $Q; H --ckpt /tmp/ckpt_8b $Q --deterministic; S hf_bnb4 8b ;;
-  graph) G="--graph --warmup 4"  # 3 eager warm-up steps (the link planner's), the capture in the 4th
-         ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q $G; U unsloth_4bit 1b
-         for g in "" "$G"; do H --ckpt /tmp/ckpt_1b --model 1b $Q $g; done
-         ck 8b; for g in "" "$G"; do H --ckpt /tmp/ckpt_8b $Q $g; done
-         H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 $G --profile 40 ;;
+  graph) ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q $G; U unsloth_4bit 1b
+        for g in "" "$G"; do H --ckpt /tmp/ckpt_1b --model 1b $Q $g; done
+        ck 8b; for g in "" "$G"; do H --ckpt /tmp/ckpt_8b $Q $g; done
+        H --ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 $G --profile 40 ;;
   profile) ck 8b; H --ckpt /tmp/ckpt_8b $Q --profile 12 ;;
-  autou) G="--graph --warmup 4"  # the auto target's ratio in one call: hare auto graphed, Unsloth with no
-         # checkpointing (its fastest setting, the target's baseline), hare again
+  autou) # the auto target's ratio in one call: hare auto graphed, Unsloth with no checkpointing (its fastest
+         # setting, the target's baseline), hare again
          ck 8b; A="--ckpt /tmp/ckpt_8b --quant 4bit --gc auto --budget-gib 36 $G"
          H $A; U unsloth_4bit 8b --gc off; H $A ;;
-  g1b) G="--graph --warmup 4"  # 1B graphed with a profile, then Unsloth and hare graphed, alternating, twice
+  g1b) # 1B graphed with a profile, then Unsloth and hare graphed, alternating, twice
        ck 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q $G --profile 30
        for i in 1 2; do U unsloth_4bit 1b; H --ckpt /tmp/ckpt_1b --model 1b $Q $G; done ;;
   esac; done

@@ -176,7 +176,6 @@ def test_prmt_ptx_gives_dequantize_bits():
     from hare.quant import gemv as gv
     from hare.quant.dequant import packed_words
     gen = torch.Generator().manual_seed(4)
-    qmap = None
     for double_quant, blocksize in ((True, 64), (False, 128)):
         w = quantize_nf4(torch.randn(3, 256, generator=gen) * 0.05, blocksize, double_quant)
         want = w.dequantize(torch.bfloat16).view(torch.int16).reshape(-1).tolist()
